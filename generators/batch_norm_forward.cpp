@@ -1,0 +1,107 @@
+// BatchNorm forward, as torch.nn.functional.batch_norm, over the canonical (N, C, S) view.
+//
+//   training:  mean, biased var over (n, s) per channel;  y = (x - mean) * rsqrt(var + eps) * w + b
+//              outputs y, save_mean, save_invstd and the biased batch_var (the runtime turns it
+//              into PyTorch's unbiased running_var update).
+//   inference: y = (x - running_mean) * rsqrt(running_var + eps) * w + b
+//
+// Stability: sums are taken of d = x - k_c, k_c being the channel's first element, in float64.
+// k_c lies within the data's spread, so E[d^2] - E[d]^2 does not cancel even when the mean is 1e4
+// times the deviation, and y = (x - k_c) * scale + (b - (mean - k_c) * scale) never rounds the
+// mean to float: y is as exact as its float32 arithmetic allows.
+#include "generator_common.h"
+
+namespace normgen {
+
+using namespace Halide;
+
+class BatchNormForward : public Generator<BatchNormForward> {
+public:
+    GeneratorParam<Mode> mode{"mode", Mode::Training,
+                              {{"training", Mode::Training}, {"inference", Mode::Inference}}};
+    GeneratorParam<Layout> layout{"layout", Layout::Contiguous, kLayoutNames};
+    GeneratorParam<std::string> shape{"shape", "generic"};  // or e.g. n32_c64_s3136
+    GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
+
+    Input<Buffer<float, 3>> x{"x"};
+    Input<Buffer<float, 1>> weight{"weight"};
+    Input<Buffer<float, 1>> bias{"bias"};
+    Input<double> eps{"eps"};
+    Output<Buffer<float, 3>> y{"y"};
+    // inference
+    Input<Buffer<float, 1>> *running_mean = nullptr, *running_var = nullptr;
+    // training
+    Output<Buffer<float, 1>> *save_mean = nullptr, *save_invstd = nullptr, *batch_var = nullptr;
+
+    void configure() {
+        if (mode == Mode::Inference) {
+            running_mean = add_input<Buffer<float, 1>>("running_mean");
+            running_var = add_input<Buffer<float, 1>>("running_var");
+        } else {
+            save_mean = add_output<Buffer<float, 1>>("save_mean");
+            save_invstd = add_output<Buffer<float, 1>>("save_invstd");
+            batch_var = add_output<Buffer<float, 1>>("batch_var");
+        }
+    }
+
+    void generate() {
+        NormPipeline p(layout);
+        const Var &c = p.view.c;
+        auto f64 = [](Expr e) { return cast<double>(e); };
+        auto f32 = [](Expr e) { return cast<float>(e); };
+        Expr x_at = p.view.at(x, p.view.s, c, p.view.n);
+
+        if (mode == Mode::Training) {
+            Func shift("shift");
+            shift(c) = p.view.at(x, 0, c, 0);
+            Expr spatial = x.dim(p.view.spatial_dim()).extent();
+            Expr batch = x.dim(CanonicalView::batch_dim).extent();
+            p.r = RDom(0, spatial, 0, batch, "r");
+            Expr d = f64(p.view.at(x, p.r.x, c, p.r.y)) - f64(shift(c));
+            p.sums = Func("sums");
+            p.sums(c) = Tuple(f64(0), f64(0));
+            p.sums(c) = Tuple(p.sums(c)[0] + d, p.sums(c)[1] + d * d);
+
+            Expr count = f64(spatial) * f64(batch);
+            Expr mean_minus_shift = p.sums(c)[0] / count;
+            Expr var = max(p.sums(c)[1] / count - mean_minus_shift * mean_minus_shift, f64(0));
+            Expr invstd = f64(1) / sqrt(var + eps);
+            Expr scale = invstd * f64(weight(c));
+            p.coeffs = Func("coeffs");
+            p.coeffs(c) = Tuple(f32(scale), f32(f64(bias(c)) - mean_minus_shift * scale),
+                                f32(f64(shift(c)) + mean_minus_shift), f32(invstd), f32(var));
+            p.out(p.view.storage_args()) = (x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1];
+            (*save_mean)(c) = p.coeffs(c)[2];
+            (*save_invstd)(c) = p.coeffs(c)[3];
+            (*batch_var)(c) = p.coeffs(c)[4];
+            p.channel_pre = {shift};
+            p.channel_outputs = {*save_mean, *save_invstd, *batch_var};
+        } else {
+            Expr scale = f64(weight(c)) / sqrt(f64((*running_var)(c)) + eps);
+            p.coeffs = Func("coeffs");
+            p.coeffs(c) = Tuple(f32(scale), (*running_mean)(c));
+            p.out(p.view.storage_args()) = (x_at - p.coeffs(c)[1]) * p.coeffs(c)[0] + bias(c);
+        }
+        y = p.out;
+        constrain_buffers();
+        schedule_for_target(p, get_target(), mode == Mode::Training ? "bn_fwd_train" : "bn_fwd_infer",
+                            shape, tuned);
+    }
+
+private:
+    void constrain_buffers() {
+        const FixedShape fixed = parse_fixed_shape(shape);
+        constrain_tensor(x, layout, fixed);
+        constrain_tensor(y, layout, fixed);
+        constrain_channel_vector(weight, fixed);
+        constrain_channel_vector(bias, fixed);
+        for (auto *in : {running_mean, running_var})
+            if (in) constrain_channel_vector(*in, fixed);
+        for (auto *out : {save_mean, save_invstd, batch_var})
+            if (out) constrain_channel_vector(*out, fixed);
+    }
+};
+
+}  // namespace normgen
+
+HALIDE_REGISTER_GENERATOR(normgen::BatchNormForward, batch_norm_forward)

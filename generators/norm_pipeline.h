@@ -1,0 +1,51 @@
+// What a BatchNorm generator hands to its schedule: the Funcs of one pipeline, named by role.
+// Every op family has the same shape: an optional per-channel reduction over (s, n), per-channel
+// coefficients derived from it, one elementwise output over the tensor, and per-channel outputs.
+#pragma once
+
+#include "Halide.h"
+
+#include <string>
+#include <vector>
+
+namespace normgen {
+
+enum class Layout { Contiguous, ChannelsLast };
+enum class Mode { Training, Inference };
+
+// Storage order of the canonical (N, C, S) view, innermost first, as the runtime builds buffers:
+//   contiguous:    (s, c, n)  strides (1, S, C*S)
+//   channels-last: (c, m, 1)  with m = n*S + s folded by the runtime, strides (1, C, C*N*S)
+// Both are 3-D so that one algorithm serves both; in channels-last the kernel sees N = 1.
+struct CanonicalView {
+    explicit CanonicalView(Layout l) : layout(l) {}
+    Layout layout;
+    Halide::Var s{"s"}, c{"c"}, n{"n"};
+
+    // Loads element (s, c, n) of a tensor stored in this layout.
+    template <typename T>
+    Halide::Expr at(const T &tensor, Halide::Expr s_, Halide::Expr c_, Halide::Expr n_) const {
+        return layout == Layout::Contiguous ? tensor(s_, c_, n_) : tensor(c_, s_, n_);
+    }
+    // The pure arguments of an elementwise Func in storage order.
+    std::vector<Halide::Var> storage_args() const {
+        return layout == Layout::Contiguous ? std::vector<Halide::Var>{s, c, n}
+                                            : std::vector<Halide::Var>{c, s, n};
+    }
+    int spatial_dim() const { return layout == Layout::Contiguous ? 0 : 1; }
+    int channel_dim() const { return layout == Layout::Contiguous ? 1 : 0; }
+    static constexpr int batch_dim = 2;
+};
+
+struct NormPipeline {
+    explicit NormPipeline(Layout layout) : view(layout) {}
+    CanonicalView view;
+    Halide::RDom r;                         // (s, n) of one channel; undefined without reduction
+    std::vector<Halide::Func> channel_pre;  // per-channel Funcs the reduction reads (e.g. a shift)
+    Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)
+    Halide::Func coeffs;                    // per-channel Tuple of what the elementwise stage needs
+    Halide::Func out;                       // the tensor output (y or dx), in storage order
+    std::vector<Halide::Func> channel_outputs;  // per-channel outputs (statistics, gradients)
+};
+
+}  // namespace normgen

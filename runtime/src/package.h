@@ -1,0 +1,52 @@
+// A kernel package on disk: manifest.json plus the shared objects it names. Opening a package
+// validates the manifest, loads every kernel file this process can run and resolves every
+// symbol and its Halide argument metadata, so a broken package fails at open, not mid-run.
+#pragma once
+
+#include "HalideRuntime.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace ng {
+
+struct KernelShape {
+    enum Kind { Generic, Exact } kind = Generic;
+    int64_t n = 0, c = 0, s = 0;
+};
+
+struct Kernel {
+    // From the manifest.
+    std::string name, op, statistics, dtype, layout, activation, device, arch, isa, target, file,
+        symbol;
+    bool residual = false;
+    std::vector<std::string> features;
+    KernelShape shape;
+    // Resolved at open (null for kernels of another architecture or device).
+    int (*entry)(void **args) = nullptr;  // Halide's <symbol>_argv
+    const halide_filter_metadata_t *metadata = nullptr;
+
+    std::string describe_shape() const;
+};
+
+class Package {
+public:
+    // Throws ng::Error(NG_PACKAGE_ERROR) naming the file and the problem.
+    static std::unique_ptr<Package> open(const std::string &dir, const std::string &host_arch);
+    ~Package();
+
+    const std::string &dir() const { return dir_; }
+    const std::vector<Kernel> &kernels() const { return kernels_; }
+
+private:
+    std::string dir_;
+    std::vector<Kernel> kernels_;
+    std::vector<void *> handles_;
+};
+
+// The package installed beside libnormgen (<libdir>/normgen-package), or $NORMGEN_PACKAGE.
+std::string default_package_dir();
+
+}  // namespace ng

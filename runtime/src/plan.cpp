@@ -1,0 +1,269 @@
+#include "plan.h"
+
+#include "errors.h"
+#include "halide_glue.h"
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <sstream>
+
+namespace ng {
+
+namespace {
+
+const char *kRoleNames[] = {"x",          "z",           "dy",        "y",       "dx",
+                            "dz",         "weight",      "bias",      "running_mean",
+                            "running_var", "eps",        "save_mean", "save_invstd",
+                            "batch_var",  "dweight",     "dbias"};
+static_assert(sizeof(kRoleNames) / sizeof(kRoleNames[0]) == static_cast<size_t>(Role::count));
+
+Role role_named(const std::string &name) {
+    for (size_t i = 0; i < static_cast<size_t>(Role::count); i++)
+        if (name == kRoleNames[i]) return static_cast<Role>(i);
+    fail(NG_INTERNAL, "kernel argument '", name, "' has no role");  // filtered at package open
+}
+
+std::string shape_string(const ng_tensor &x) {
+    std::ostringstream os;
+    os << "[";
+    for (int i = 0; i < x.ndim; i++) os << (i ? ", " : "") << x.shape[i];
+    os << "]";
+    return os.str();
+}
+
+void validate_tensor(const ng_tensor *x) {
+    if (!x) fail(NG_INVALID_ARGUMENT, "x: the tensor descriptor is NULL");
+    if (x->ndim < 2 || x->ndim > 5)
+        fail(NG_INVALID_ARGUMENT, "x.ndim = ", x->ndim,
+             ": BatchNorm takes 2..5 dimensions (N, C, then up to 3 spatial)");
+    int64_t elements = 1;
+    for (int i = 0; i < x->ndim; i++) {
+        if (x->shape[i] < 1)
+            fail(NG_INVALID_ARGUMENT, "x.shape[", i, "] = ", x->shape[i],
+                 ": every extent must be >= 1");
+        if (__builtin_mul_overflow(elements, x->shape[i], &elements))
+            fail(NG_INVALID_ARGUMENT, "x.shape = ", shape_string(*x),
+                 ": the element count overflows int64");
+    }
+    const int format = x->format, dtype = x->dtype, device = x->device;
+    if (format != NG_CONTIGUOUS && format != NG_CHANNELS_LAST)
+        fail(NG_INVALID_ARGUMENT, "x.format = ", format,
+             ": expected NG_CONTIGUOUS (0) or NG_CHANNELS_LAST (1)");
+    if (dtype != NG_F32 && dtype != NG_F16 && dtype != NG_BF16)
+        fail(NG_INVALID_ARGUMENT, "x.dtype = ", dtype, ": expected NG_F32, NG_F16 or NG_BF16");
+    if (device != NG_CPU && device != NG_CUDA)
+        fail(NG_INVALID_ARGUMENT, "x.device = ", device, ": expected NG_CPU (0) or NG_CUDA (1)");
+    // Kernels index with 32-bit offsets (Halide without large_buffers).
+    if (elements > INT32_MAX / 4)
+        fail(NG_UNSUPPORTED, "x.shape = ", shape_string(*x), " holds ", elements,
+             " elements; kernels address at most 2^31 - 1 bytes per tensor");
+}
+
+void validate_params(const ng_batch_norm_params *p) {
+    if (!p) fail(NG_INVALID_ARGUMENT, "params: NULL");
+    if (!(p->eps > 0) || !std::isfinite(p->eps))
+        fail(NG_INVALID_ARGUMENT, "params.eps = ", p->eps, ": must be finite and > 0");
+    if (!std::isnan(p->momentum) && !(p->momentum >= 0 && p->momentum <= 1))
+        fail(NG_INVALID_ARGUMENT, "params.momentum = ", p->momentum,
+             ": must be in [0, 1], or NAN for momentum=None");
+    for (auto [name, v] : {std::pair{"affine", p->affine},
+                           {"track_running_stats", p->track_running_stats},
+                           {"training", p->training},
+                           {"residual", p->residual}})
+        if (v != 0 && v != 1) fail(NG_INVALID_ARGUMENT, "params.", name, " = ", v, ": must be 0 or 1");
+    const int act = p->activation;
+    if (act != NG_ACT_NONE && act != NG_ACT_RELU)
+        fail(NG_INVALID_ARGUMENT, "params.activation = ", act,
+             ": expected NG_ACT_NONE (0) or NG_ACT_RELU (1)");
+}
+
+void check_device(const ng_tensor &x) {
+    if (x.device != NG_CUDA) return;
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!driver)
+        fail(NG_NO_DEVICE, "x.device = NG_CUDA: no CUDA device (the CUDA driver libcuda.so.1 "
+                           "cannot be loaded)");
+    dlclose(driver);
+    fail(NG_NO_KERNEL, "x.device = NG_CUDA: this package has no CUDA kernels");
+}
+
+bool features_supported(const Kernel &k, const CpuInfo &cpu, std::string *missing) {
+    for (const auto &f : k.features)
+        if (!cpu.features.count(f)) {
+            if (missing) *missing = f;
+            return false;
+        }
+    return true;
+}
+
+// Binds the kernel's arguments (from its Halide metadata) to plan-owned buffer descriptors.
+void bind_arguments(ng_plan &plan, bool channels_last) {
+    const halide_filter_metadata_t *md = plan.kernel->metadata;
+    const int nargs = md->num_arguments;
+    plan.slot.fill(-1);
+    plan.buffers.assign(nargs, halide_buffer_t{});
+    plan.dims.assign(nargs, {});
+    plan.args.assign(nargs, nullptr);
+    // Tensor storage, innermost first; channels-last folds N into the row dimension.
+    const int32_t n = static_cast<int32_t>(plan.n), c = static_cast<int32_t>(plan.c),
+                  s = static_cast<int32_t>(plan.s);
+    const std::array<halide_dimension_t, 3> tensor_dims =
+        channels_last ? std::array<halide_dimension_t, 3>{{{0, c, 1, 0}, {0, n * s, c, 0},
+                                                           {0, 1, n * s * c, 0}}}
+                      : std::array<halide_dimension_t, 3>{{{0, s, 1, 0}, {0, c, s, 0},
+                                                           {0, n, c * s, 0}}};
+    // Halide's argv order is the metadata order (its own RunGen relies on this too).
+    for (int i = 0; i < nargs; i++) {
+        const halide_filter_argument_t &arg = md->arguments[i];
+        const Role role = role_named(arg.name);
+        if (arg.kind == halide_argument_kind_input_scalar) {
+            if (role != Role::eps || arg.type.code != halide_type_float || arg.type.bits != 64)
+                fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name, "': scalar argument '",
+                     arg.name, "' is not the float64 eps");
+            plan.args[i] = &plan.eps;
+            continue;
+        }
+        const bool tensor = arg.dimensions == 3, vector = arg.dimensions == 1;
+        if (!tensor && !vector)
+            fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name, "': argument '", arg.name,
+                 "' has ", arg.dimensions, " dimensions");
+        plan.dims[i] = tensor ? tensor_dims
+                              : std::array<halide_dimension_t, 3>{{{0, c, 1, 0}, {}, {}}};
+        halide_buffer_t &b = plan.buffers[i];
+        b.type = arg.type;
+        b.dimensions = arg.dimensions;
+        b.dim = plan.dims[i].data();
+        plan.args[i] = &b;
+        plan.slot[static_cast<size_t>(role)] = i;
+    }
+}
+
+std::string describe_request(const ng_plan &p) {
+    std::ostringstream os;
+    os << (p.op == NG_OP_FORWARD ? "forward" : "backward") << " with "
+       << (p.use_batch_stats ? "batch" : "running") << " statistics, f32, "
+       << (p.x.format == NG_CONTIGUOUS ? "contiguous" : "channels-last") << " x"
+       << shape_string(p.x) << " = (N " << p.n << ", C " << p.c << ", S " << p.s << ")";
+    return os.str();
+}
+
+}  // namespace
+
+ng_plan *create_plan(ng_runtime *rt, ng_op op, const ng_tensor *x,
+                     const ng_batch_norm_params *params) {
+    if (!rt) fail(NG_INVALID_ARGUMENT, "runtime: NULL");
+    const int op_value = op;
+    if (op_value != NG_OP_FORWARD && op_value != NG_OP_BACKWARD)
+        fail(NG_INVALID_ARGUMENT, "op = ", op_value,
+             ": expected NG_OP_FORWARD (0) or NG_OP_BACKWARD (1)");
+    validate_tensor(x);
+    validate_params(params);
+    check_device(*x);
+    if (x->dtype != NG_F32)
+        fail(NG_UNSUPPORTED, "x.dtype = ", x->dtype == NG_F16 ? "NG_F16" : "NG_BF16",
+             ": only NG_F32 kernels exist so far");
+    if (params->activation != NG_ACT_NONE || params->residual)
+        fail(NG_UNSUPPORTED, "params.activation/residual: fused activation and residual add are "
+                             "not supported yet (activation = ", static_cast<int>(params->activation),
+             ", residual = ", params->residual, ")");
+
+    auto plan = std::make_unique<ng_plan>();
+    plan->op = op;
+    plan->x = *x;
+    plan->params = *params;
+    plan->n = x->shape[0];
+    plan->c = x->shape[1];
+    plan->s = 1;
+    for (int i = 2; i < x->ndim; i++) plan->s *= x->shape[i];
+    plan->use_batch_stats = params->training || !params->track_running_stats;
+    plan->eps = params->eps;
+    if (plan->use_batch_stats && plan->n * plan->s == 1)
+        fail(NG_INVALID_ARGUMENT, "x.shape = ", shape_string(*x),
+             ": Expected more than 1 value per channel when training, got input size ",
+             shape_string(*x));
+
+    // With one spatial element both formats are one memory layout: use channels-last kernels.
+    const bool channels_last = x->format == NG_CHANNELS_LAST || plan->s == 1;
+    const std::string layout = channels_last ? "cl" : "contig";
+    const std::string op_name = op == NG_OP_FORWARD ? "forward" : "backward";
+    const std::string stats = plan->use_batch_stats ? "batch" : "running";
+
+    // Best ISA first (most features), then exact shape before generic.
+    const Kernel *best = nullptr;
+    int best_rank = -1;
+    std::vector<std::string> passed_over;
+    for (const Kernel &k : rt->package->kernels()) {
+        if (k.op != op_name || k.statistics != stats || k.dtype != "f32" || k.layout != layout ||
+            k.activation != "none" || k.residual || k.device != "cpu" || !k.entry)
+            continue;
+        const bool exact = k.shape.kind == KernelShape::Exact;
+        if (exact && (k.shape.n != plan->n || k.shape.c != plan->c || k.shape.s != plan->s))
+            continue;
+        std::string missing;
+        if (!features_supported(k, rt->cpu, &missing)) {
+            passed_over.push_back(k.name + " (needs " + missing +
+                                  (rt->cpu.isa_cap.empty() ? "" : ", NORMGEN_ISA=" + rt->cpu.isa_cap) +
+                                  ")");
+            continue;
+        }
+        const int rank = static_cast<int>(k.features.size()) * 2 + (exact ? 1 : 0);
+        if (rank > best_rank) {
+            if (best) passed_over.push_back(best->name + " (a better kernel matches)");
+            best = &k;
+            best_rank = rank;
+        } else {
+            passed_over.push_back(k.name + " (a better kernel matches)");
+        }
+    }
+    plan->description = describe_request(*plan);
+    if (!best)
+        fail(NG_NO_KERNEL, "no kernel in '", rt->package->dir(), "' runs ", plan->description,
+             " on this CPU", passed_over.empty() ? "" : "; passed over: ",
+             [&] {
+                 std::string s;
+                 for (const auto &p : passed_over) s += (s.empty() ? "" : ", ") + p;
+                 return s;
+             }());
+    plan->kernel = best;
+    std::ostringstream why;
+    why << best->name << ": " << best->describe_shape() << " kernel, " << best->isa
+        << ", chosen for " << plan->description;
+    if (!passed_over.empty()) {
+        why << "; passed over:";
+        for (const auto &p : passed_over) why << " " << p << ";";
+    }
+    plan->description = why.str();
+    if (const char *v = std::getenv("NORMGEN_VERBOSE"); v && *v && *v != '0')
+        std::fprintf(stderr, "normgen: plan %s\n", plan->description.c_str());
+
+    bind_arguments(*plan, channels_last);
+    const size_t C = static_cast<size_t>(plan->c);
+    plan->ones.assign(C, 1.0f);
+    plan->zeros.assign(C, 0.0f);
+    plan->scratch_a.assign(C, 0.0f);
+    plan->scratch_b.assign(C, 0.0f);
+    plan->batch_var.assign(C, 0.0f);
+    return plan.release();
+}
+
+}  // namespace ng
+
+void ng_plan::bind(Role role, const void *data) {
+    const int i = slot[static_cast<size_t>(role)];
+    if (i >= 0) buffers[i].host = static_cast<uint8_t *>(const_cast<void *>(data));
+}
+
+void ng_plan::run() {
+    for (size_t i = 0; i < buffers.size(); i++)
+        if (args[i] == &buffers[i] && !buffers[i].host)
+            ng::fail(NG_INTERNAL, "kernel '", kernel->name, "': argument '",
+                     kernel->metadata->arguments[i].name, "' was not bound");
+    if (int r = kernel->entry(args.data()))
+        ng::fail(NG_INTERNAL, "kernel '", kernel->name, "' failed (Halide error ", r,
+                 "): ", ng::take_halide_error());
+}

@@ -1,0 +1,33 @@
+// The knobs of the CPU schedule and where their values come from (schedules/tuned/<target>.json).
+#pragma once
+
+#include <string>
+
+namespace normgen {
+
+struct CpuKnobs {
+    // Vector lanes = the target's natural f32 width * vectors (1: one register per step).
+    int vectors = 1;
+    // Contiguous layout: true computes a channel's statistics inside the loop that writes that
+    // channel, while its slice is still in L2 (2 DRAM passes for forward training instead of 3);
+    // false computes all statistics first. Channels-last always computes them first.
+    bool stats_per_channel = true;
+    // Channels-last: rows (of C elements) per parallel task, in the reduction and elementwise loops.
+    int rows_per_task = 2048;
+
+    std::string to_string() const;
+};
+
+// The key of one tuned entry: kernel family (e.g. "bn_fwd_train"), dtype, layout ("contig" |
+// "cl") and shape ("generic" or an exact shape such as "n32_c64_s3136").
+struct KnobsKey {
+    std::string family, dtype, layout, shape;
+};
+
+// Reads the knobs for key from a tuned JSON file: the exact-shape entry if present, else the
+// family's generic entry, else the defaults above. An empty path means the defaults. Throws
+// std::runtime_error naming the file and field on a malformed file or an invalid knob value.
+CpuKnobs load_cpu_knobs(const std::string &tuned_json_path, const KnobsKey &key,
+                        std::string *chosen_entry = nullptr);
+
+}  // namespace normgen

@@ -1,0 +1,85 @@
+#include "cpu_schedule.h"
+
+namespace normgen {
+
+using namespace Halide;
+
+namespace {
+
+// Contiguous (s, c, n): a channel's data is N runs of S contiguous elements. One parallel task
+// per channel; the statistics reduction keeps `lanes` partial sums (rfactor over the vector
+// lanes of s) so the inner loop is a plain vector accumulate.
+void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
+    const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
+    p.out.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf).parallel(c);
+
+    if (!p.sums.defined()) {
+        p.coeffs.compute_root();
+        return;
+    }
+    RVar rxo("rxo"), rxi("rxi");
+    Var lane("lane");
+    Func partial = p.sums.update()
+                       .split(p.r.x, rxo, rxi, lanes, TailStrategy::GuardWithIf)
+                       .rfactor(rxi, lane);
+    partial.vectorize(lane);
+    partial.update().vectorize(lane);
+
+    if (k.stats_per_channel) {
+        // Everything about channel c happens in out's iteration c: the slice is read for the
+        // statistics and re-read from L2 by the elementwise loop.
+        for (Func f : p.channel_pre) f.compute_at(p.out, c);
+        p.sums.compute_at(p.out, c);
+        partial.compute_at(p.out, c);
+        p.coeffs.compute_at(p.out, c);
+        for (Func f : p.channel_outputs) f.parallel(c).compute_with(p.out, c);
+    } else {
+        for (Func f : p.channel_pre) f.compute_root();
+        p.sums.compute_root().parallel(c);
+        p.sums.update().parallel(c);
+        partial.compute_at(p.sums, c);
+        p.coeffs.compute_root();
+    }
+}
+
+// Channels-last (c, m, 1): rows of C contiguous channels. Vectors run along c; parallel tasks
+// take blocks of rows, and the reduction is split into per-block partial sums (rfactor over
+// row blocks), combined afterwards.
+void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
+    const Var &s = p.view.s, &c = p.view.c;
+    Var rows("rows"), row("row");
+    p.out.split(s, rows, row, k.rows_per_task, TailStrategy::GuardWithIf)
+        .vectorize(c, lanes, TailStrategy::GuardWithIf)
+        .parallel(rows);
+
+    if (p.sums.defined()) {
+        RVar block("block"), in_block("in_block");
+        Var u("u");
+        Func partial = p.sums.update()
+                           .split(p.r.x, block, in_block, k.rows_per_task, TailStrategy::GuardWithIf)
+                           .rfactor(block, u);
+        partial.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
+        partial.update()
+            .reorder(c, in_block, p.r.y, u)
+            .vectorize(c, lanes, TailStrategy::GuardWithIf)
+            .parallel(u);
+        p.sums.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
+        p.sums.update().vectorize(c, lanes, TailStrategy::GuardWithIf);
+    }
+    for (Func f : p.channel_pre) f.compute_root();
+    p.coeffs.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
+    for (Func f : p.channel_outputs) f.vectorize(c, lanes, TailStrategy::GuardWithIf);
+}
+
+}  // namespace
+
+void schedule_cpu(NormPipeline &p, const CpuKnobs &knobs, const Target &target) {
+    const int lanes = target.natural_vector_size<float>() * knobs.vectors;
+    if (p.view.layout == Layout::Contiguous) {
+        schedule_contiguous(p, knobs, lanes);
+    } else {
+        schedule_channels_last(p, knobs, lanes);
+    }
+}
+
+}  // namespace normgen
