@@ -45,6 +45,7 @@ public:
 
     void generate() {
         NormPipeline p(layout);
+        p.channels = x.dim(p.view.channel_dim()).extent();
         const Var &c = p.view.c;
         auto f64 = [](Expr e) { return cast<double>(e); };
         auto f32 = [](Expr e) { return cast<float>(e); };

@@ -40,6 +40,7 @@ struct CanonicalView {
 struct NormPipeline {
     explicit NormPipeline(Layout layout) : view(layout) {}
     CanonicalView view;
+    Halide::Expr channels;                  // C, the extent of the channel dimension
     Halide::RDom r;                         // (s, n) of one channel; undefined without reduction
     std::vector<Halide::Func> channel_pre;  // per-channel Funcs the reduction reads (e.g. a shift)
     Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)

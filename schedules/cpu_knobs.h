@@ -12,8 +12,10 @@ struct CpuKnobs {
     // channel, while its slice is still in L2 (2 DRAM passes for forward training instead of 3);
     // false computes all statistics first. Channels-last always computes them first.
     bool stats_per_channel = true;
-    // Channels-last: rows (of C elements) per parallel task, in the reduction and elementwise loops.
-    int rows_per_task = 2048;
+    // Channels-last: elements per parallel task (rounded to whole rows of C elements), in the
+    // reduction and the elementwise loops. Sized in elements, not rows, so that wide and narrow
+    // tensors both split into enough tasks for every thread.
+    int task_elements = 65536;
 
     std::string to_string() const;
 };

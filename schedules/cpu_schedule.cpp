@@ -48,7 +48,8 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
 void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c;
     Var rows("rows"), row("row");
-    p.out.split(s, rows, row, k.rows_per_task, TailStrategy::GuardWithIf)
+    Expr rows_per_task = max(1, k.task_elements / p.channels);
+    p.out.split(s, rows, row, rows_per_task, TailStrategy::GuardWithIf)
         .vectorize(c, lanes, TailStrategy::GuardWithIf)
         .parallel(rows);
 
@@ -56,7 +57,7 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
         RVar block("block"), in_block("in_block");
         Var u("u");
         Func partial = p.sums.update()
-                           .split(p.r.x, block, in_block, k.rows_per_task, TailStrategy::GuardWithIf)
+                           .split(p.r.x, block, in_block, rows_per_task, TailStrategy::GuardWithIf)
                            .rfactor(block, u);
         partial.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
         partial.update()
