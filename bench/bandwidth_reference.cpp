@@ -1,0 +1,49 @@
+// Plain OpenMP loops with ordinary (cached) stores, vectorised by the compiler for this host
+// (CMake compiles this file with -O3 -march=native -mprefer-vector-width=512 and
+// -fno-tree-loop-distribute-patterns, so GCC keeps the loop instead of calling memcpy).
+//
+// Why not memcpy: glibc's memcpy switches to non-temporal stores above a threshold derived from
+// the cache sizes the CPU reports (under a hypervisor, anything), so what it measures would
+// change with the machine rather than with memory bandwidth. Why not non-temporal stores: the
+// kernels being measured (Halide's, and libtorch's) write with ordinary stores, which read each
+// destination line before writing it; a reference with streaming stores would be a floor no
+// ordinary-store kernel can reach. oneDNN's kernels may use streaming stores on large tensors,
+// so oneDNN can exceed a fraction of 1.0. Threads split the range in two contiguous halves
+// (aligned to 64 bytes), as the kernels' own parallel loops roughly do.
+#include "bandwidth_reference.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+namespace bench {
+
+namespace {
+inline void thread_range(int64_t n, int64_t *begin, int64_t *end) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t chunk = ((n + nt - 1) / nt + 15) / 16 * 16;
+    *begin = std::min(n, t * chunk);
+    *end = std::min(n, *begin + chunk);
+}
+}  // namespace
+
+void copy_reference(const float *__restrict x, float *__restrict y, int64_t n) {
+#pragma omp parallel
+    {
+        int64_t b, e;
+        thread_range(n, &b, &e);
+        for (int64_t i = b; i < e; i++) y[i] = x[i];
+    }
+}
+
+void read2_write1_reference(const float *__restrict x, const float *__restrict dy,
+                            float *__restrict dx, int64_t n) {
+#pragma omp parallel
+    {
+        int64_t b, e;
+        thread_range(n, &b, &e);
+        for (int64_t i = b; i < e; i++) dx[i] = x[i] + dy[i];
+    }
+}
+
+}  // namespace bench

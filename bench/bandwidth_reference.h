@@ -1,0 +1,14 @@
+// Bandwidth references: the floors a BatchNorm kernel is measured against (same bytes, same
+// buffers, same OpenMP threads). See bandwidth_reference.cpp for why plain loops.
+#pragma once
+
+#include <cstdint>
+
+namespace bench {
+
+// y = x: reads one tensor, writes one (2 passes: the floor for any forward kernel).
+void copy_reference(const float *x, float *y, int64_t n);
+// dx = x + dy: reads two tensors, writes one (3 passes: the floor for any backward kernel).
+void read2_write1_reference(const float *x, const float *dy, float *dx, int64_t n);
+
+}  // namespace bench

@@ -1,0 +1,561 @@
+// BatchNorm fp32 on CPU: normgen vs oneDNN vs libtorch, with bandwidth references, in one run.
+//
+//   cmake -S . -B build-bench -DNORMGEN_BUILD_BENCH=ON && cmake --build build-bench -j2
+//   build-bench/bin/bench_batch_norm --csv=out.csv --markdown=out.md     (or: scripts/bench)
+//   flags: --shapes=FILE (benchdnn-style, one PyTorch shape per line, e.g. 32x64x56x56)
+//          --impl=normgen,onednn,torch  --op=fwd_train,fwd_infer,bwd_train  --format=contig,cl
+//          --reps=N (repetitions; default by size)  --threads=N (default 2)  --budget=SECONDS
+//          (per benchmark, default 0.4) and any --benchmark_* flag of Google Benchmark.
+//
+// Design. One Google Benchmark per (shape, format, op, impl), named bn/<impl>/<op>/<format>/<shape>,
+// manual time, Iterations(1) and R repetitions. Each repetition (one "iteration") times the
+// bandwidth reference and then the kernel, back to back on the same buffers (the reference writes
+// the implementation's own y or dx): copy y = x for forward, dx = x + dy for backward. It reports
+// the kernel time as the iteration time and, as counters, the reference time and the ratio
+// t_ref / t_kernel. Google Benchmark's median aggregate then gives the median kernel time, the
+// median reference time and the median of per-repetition ratios (the "fraction of reference",
+// stable while this machine's bandwidth drifts); a "min" statistic gives the best kernel time.
+// Small problems time k back-to-back calls per sample (k so a sample lasts >= 0.5 ms; the CSV's
+// calls_per_sample) and divide by k.
+//
+// Every buffer of every implementation is allocated, huge-page advised and touched before
+// timing; the timed calls allocate nothing (libtorch: see impl_torch.cpp; oneDNN: user
+// scratchpad). All three run on the same OpenMP pool with the same thread count. Before timing,
+// each problem's outputs (y, batch stats, running stats, dx, dweight, dbias) of every
+// implementation are checked against libtorch's public operators; a mismatch is reported as a
+// failed check and that case is not timed, so nothing fast and wrong is published.
+//
+// GB/s counts the minimum traffic: forward 2 passes over the tensor, backward 3.
+#include "bandwidth_reference.h"
+#include "bench_common.h"
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include <unistd.h>
+
+namespace bench {
+namespace {
+
+constexpr ImplKind kImpls[] = {ImplKind::normgen, ImplKind::onednn, ImplKind::torch};
+constexpr Op kOps[] = {Op::fwd_train, Op::fwd_infer, Op::bwd_train};
+constexpr Format kFormats[] = {Format::contig, Format::cl};
+
+// ---- options ------------------------------------------------------------------------------
+
+struct Options {
+    std::string shapes_file = NORMGEN_BENCH_DEFAULT_SHAPES;
+    std::string csv, markdown;
+    std::vector<ImplKind> impls{std::begin(kImpls), std::end(kImpls)};
+    std::vector<Op> ops{std::begin(kOps), std::end(kOps)};
+    std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
+    int reps = 0;  // 0: by problem size
+    int threads = 2;
+    double budget_s = 0.4;
+};
+
+std::vector<std::string> split(const std::string &s, char sep) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    for (std::string item; std::getline(ss, item, sep);)
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+template <typename E, size_t K>
+std::vector<E> parse_list(const std::string &flag, const std::string &value, const E (&all)[K],
+                          const std::map<std::string, E> &aliases) {
+    std::vector<E> out;
+    for (const std::string &item : split(value, ',')) {
+        bool found = false;
+        for (E e : all)
+            if (item == name(e)) out.push_back(e), found = true;
+        if (!found) {
+            auto it = aliases.find(item);
+            if (it == aliases.end()) throw std::invalid_argument(flag + ": unknown value '" + item + "'");
+            out.push_back(it->second);
+        }
+    }
+    if (out.empty()) throw std::invalid_argument(flag + ": empty list");
+    return out;
+}
+
+// Takes our flags out of argv (the rest goes to Google Benchmark).
+Options parse_options(int *argc, char **argv) {
+    Options o;
+    int kept = 1;
+    for (int i = 1; i < *argc; i++) {
+        const std::string arg = argv[i];
+        auto value = [&](const char *flag) -> const char * {
+            const size_t n = std::strlen(flag);
+            return arg.compare(0, n, flag) == 0 && arg.size() > n && arg[n] == '=' ? argv[i] + n + 1 : nullptr;
+        };
+        if (const char *v = value("--shapes")) o.shapes_file = v;
+        else if (const char *v = value("--csv")) o.csv = v;
+        else if (const char *v = value("--markdown")) o.markdown = v;
+        else if (const char *v = value("--impl"))
+            o.impls = parse_list<ImplKind>("--impl", v, kImpls, {{"dnnl", ImplKind::onednn}, {"libtorch", ImplKind::torch}});
+        else if (const char *v = value("--op"))
+            o.ops = parse_list<Op>("--op", v, kOps,
+                                   {{"forward_training", Op::fwd_train}, {"forward_inference", Op::fwd_infer},
+                                    {"backward", Op::bwd_train}, {"bwd", Op::bwd_train}});
+        else if (const char *v = value("--format"))
+            o.formats = parse_list<Format>("--format", v, kFormats,
+                                           {{"nchw", Format::contig}, {"contiguous", Format::contig},
+                                            {"nhwc", Format::cl}, {"channels_last", Format::cl}});
+        else if (const char *v = value("--reps")) o.reps = std::max(1, std::atoi(v));
+        else if (const char *v = value("--threads")) o.threads = std::max(1, std::atoi(v));
+        else if (const char *v = value("--budget")) o.budget_s = std::max(0.0, std::atof(v));
+        else argv[kept++] = argv[i];
+    }
+    *argc = kept;
+    return o;
+}
+
+// benchdnn-style shape file: one PyTorch shape per line ("32x64x56x56"), '#' starts a comment.
+std::vector<std::vector<int64_t>> read_shapes(const std::string &file) {
+    std::ifstream in(file);
+    if (!in) throw std::runtime_error("--shapes: cannot open '" + file + "'");
+    std::vector<std::vector<int64_t>> shapes;
+    for (std::string line; std::getline(in, line);) {
+        line = line.substr(0, line.find('#'));
+        line.erase(std::remove_if(line.begin(), line.end(), ::isspace), line.end());
+        if (line.empty()) continue;
+        std::vector<int64_t> dims;
+        for (const std::string &d : split(line, 'x')) {
+            char *end = nullptr;
+            const long long v = std::strtoll(d.c_str(), &end, 10);
+            if (*end || v <= 0) throw std::runtime_error(file + ": bad extent '" + d + "' in '" + line + "'");
+            dims.push_back(v);
+        }
+        if (dims.size() < 2 || dims.size() > 5)
+            throw std::runtime_error(file + ": shape '" + line + "' must have 2..5 extents");
+        shapes.push_back(dims);
+    }
+    if (shapes.empty()) throw std::runtime_error(file + ": no shapes");
+    return shapes;
+}
+
+// ---- the suite: cases, per-problem fixtures, results --------------------------------------
+
+struct Case {
+    size_t shape;  // index into Suite::shapes
+    Format format;
+    Op op;
+    ImplKind impl;
+    std::string bench_name;
+};
+
+struct Result {
+    bool timed = false;
+    double median_ms = NAN, min_ms = NAN, ref_median_ms = NAN, frac = NAN;
+    int64_t reps = 0;
+    int calls_per_sample = 0;
+    std::string kernel, check = "not run", error;
+    double max_err = NAN;
+};
+
+// Everything one (shape, format) needs: inputs, the implementations, check outcomes.
+struct Fixture {
+    Problem problem;
+    std::unique_ptr<Inputs> inputs;
+    std::unique_ptr<Impl> impls[3];
+    std::string failure[3][3];  // per impl, op: why this case cannot be timed ("" if it can)
+    int calls_per_sample[3][3] = {};
+};
+
+class Suite {
+public:
+    Options opt;
+    std::vector<std::vector<int64_t>> shapes;
+    std::vector<Case> cases;
+    std::map<std::string, Result> results;  // by bench_name
+
+    Fixture &fixture(size_t shape, Format format) {
+        if (!current_ || current_shape_ != shape || current_->problem.format != format) {
+            current_.reset();  // free the previous problem's buffers first
+            current_ = build(shape, format);
+            current_shape_ = shape;
+        }
+        return *current_;
+    }
+
+private:
+    std::unique_ptr<Fixture> build(size_t shape, Format format) {
+        auto f = std::make_unique<Fixture>();
+        f->problem = Problem{shapes[shape], format};
+        const Problem &p = f->problem;
+        f->inputs = std::make_unique<Inputs>(p);
+        std::vector<Buffer> storage;
+        const Outputs oracle = torch_oracle(p, *f->inputs, storage);
+        for (ImplKind kind : opt.impls) {
+            const int i = int(kind);
+            try {
+                f->impls[i] = kind == ImplKind::normgen ? make_normgen(p, *f->inputs)
+                              : kind == ImplKind::onednn ? make_onednn(p, *f->inputs)
+                                                         : make_torch(p, *f->inputs);
+            } catch (const std::exception &e) {
+                for (Op op : kOps) f->failure[i][int(op)] = std::string("setup: ") + e.what();
+                continue;
+            }
+            Impl &impl = *f->impls[i];
+            const Outputs out = impl.run_for_check();
+            for (Op op : kOps) {
+                std::string &why = f->failure[i][int(op)];
+                double err = NAN;
+                if (!impl.unavailable(op).empty()) why = "unavailable: " + impl.unavailable(op);
+                else if (!out.error[int(op)].empty()) why = "error: " + out.error[int(op)];
+                else if (std::string diff = check(op, p, oracle, out, &err); !diff.empty())
+                    why = "FAIL: " + diff;
+                Result &r = result_for(shape, format, op, kind);
+                r.kernel = impl.kernel(op);
+                r.max_err = err;
+                r.check = why.empty() ? "ok" : why;
+                if (!why.empty())
+                    std::fprintf(stderr, "check %s/%s/%s/%s: %s\n", name(kind), name(op), name(format),
+                                 p.shape().c_str(), why.c_str());
+            }
+        }
+        return f;
+    }
+
+    Result &result_for(size_t shape, Format format, Op op, ImplKind impl) {
+        for (const Case &c : cases)
+            if (c.shape == shape && c.format == format && c.op == op && c.impl == impl) return results[c.bench_name];
+        return scratch_;  // an op/impl filtered out: checked but not reported
+    }
+
+    std::unique_ptr<Fixture> current_;
+    size_t current_shape_ = 0;
+    Result scratch_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void run_case(benchmark::State &state, Suite &suite, const Case &c) {
+    Fixture &f = suite.fixture(c.shape, c.format);
+    const int i = int(c.impl), o = int(c.op);
+    if (!f.failure[i][o].empty()) {
+        state.SkipWithError(f.failure[i][o].c_str());
+        return;
+    }
+    Impl &impl = *f.impls[i];
+    const Inputs &in = *f.inputs;
+    const int64_t n = f.problem.numel();
+    float *out = impl.output(c.op);
+    auto reference = [&] {
+        if (c.op == Op::bwd_train) read2_write1_reference(in.x.data(), in.dy.data(), out, n);
+        else copy_reference(in.x.data(), out, n);
+    };
+    auto kernel = [&] { impl.run(c.op); };
+    auto timed = [](int calls, const auto &fn) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int k = 0; k < calls; k++) fn();
+        return seconds_since(t0) / calls;
+    };
+    try {
+        int &calls = f.calls_per_sample[i][o];
+        if (calls == 0) {  // first repetition: warm up, then size the samples
+            for (int k = 0; k < 2; k++) reference(), kernel();
+            const double t = std::max(timed(1, kernel), timed(1, reference));
+            calls = std::clamp(int(std::ceil(5e-4 / std::max(t, 1e-9))), 1, 1000);
+            for (int k = 0; k < calls; k++) reference(), kernel();
+        }
+        for (auto _ : state) {
+            const double t_ref = timed(calls, reference);
+            const double t_kernel = timed(calls, kernel);
+            state.SetIterationTime(t_kernel);
+            state.counters["ref_us"] = t_ref * 1e6;
+            state.counters["frac"] = t_ref / t_kernel;
+        }
+        suite.results[c.bench_name].calls_per_sample = calls;
+    } catch (const std::exception &e) {
+        f.failure[i][o] = std::string("error: ") + e.what();
+        suite.results[c.bench_name].check = f.failure[i][o];
+        state.SkipWithError(f.failure[i][o].c_str());
+    }
+}
+
+// Console output as usual; the median and min aggregates are also kept for the CSV/markdown.
+class Reporter : public benchmark::ConsoleReporter {
+public:
+    explicit Reporter(Suite &suite)
+        : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_ColorTabular : OO_Tabular), suite_(suite) {}
+    void ReportRuns(const std::vector<Run> &runs) override {
+        std::vector<Run> shown;  // an error is printed once, not once per repetition
+        for (const Run &run : runs) {
+            if (!run.error_occurred || shown.empty() || !shown.back().error_occurred ||
+                shown.back().run_name.function_name != run.run_name.function_name)
+                shown.push_back(run);
+            auto it = suite_.results.find(run.run_name.function_name);
+            if (it == suite_.results.end()) continue;
+            Result &r = it->second;
+            if (run.error_occurred) {
+                if (r.check == "ok") r.check = "error: " + run.error_message;
+                continue;
+            }
+            if (run.run_type != Run::RT_Aggregate) continue;
+            auto counter = [&](const char *k) { auto c = run.counters.find(k); return c == run.counters.end() ? NAN : double(c->second); };
+            if (run.aggregate_name == "median") {
+                r.timed = true;
+                r.median_ms = run.GetAdjustedRealTime() / 1e3;  // registered in microseconds
+                r.ref_median_ms = counter("ref_us") / 1e3;
+                r.frac = counter("frac");
+                r.reps = run.repetitions;
+            } else if (run.aggregate_name == "min") {
+                r.min_ms = run.GetAdjustedRealTime() / 1e3;
+            }
+        }
+        ConsoleReporter::ReportRuns(shown);
+    }
+
+private:
+    Suite &suite_;
+};
+
+// ---- outputs ------------------------------------------------------------------------------
+
+double gbps(const Problem &p, Op op, double ms) {
+    return double(passes(op)) * p.numel() * sizeof(float) / (ms * 1e-3) / 1e9;
+}
+
+std::string fmt(double v, int digits = 3) {
+    if (!std::isfinite(v)) return "";
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+    return buf;
+}
+
+std::string csv_field(const std::string &s) {
+    if (s.find_first_of(",\"\n") == std::string::npos) return s;
+    std::string q = "\"";
+    for (char ch : s) q += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+    return q + "\"";
+}
+
+void write_csv(const Suite &suite, const std::string &path) {
+    std::ofstream out(path);
+    if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
+    out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,kernel,"
+           "check,max_err,reps,calls_per_sample\n";
+    for (const Case &c : suite.cases) {
+        const Result &r = suite.results.at(c.bench_name);
+        const Problem p{suite.shapes[c.shape], c.format};
+        out << name(c.impl) << ',' << name(c.op) << ',' << name(c.format) << ',' << p.shape() << ','
+            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.median_ms) : NAN, 2)
+            << ',' << fmt(r.ref_median_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN, 2)
+            << ',' << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
+            << (std::isfinite(r.max_err) ? std::to_string(r.max_err) : "") << ',' << r.reps << ','
+            << r.calls_per_sample << '\n';
+    }
+}
+
+std::string machine_line(int threads) {
+    std::string model = "unknown CPU";
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    for (std::string line; std::getline(cpuinfo, line);)
+        if (line.rfind("model name", 0) == 0) {
+            model = line.substr(line.find(':') + 2);
+            break;
+        }
+    auto cache = [](int index) {
+        std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+        std::string s;
+        return f >> s ? s : std::string("?");
+    };
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%d %H:%M", std::localtime(&now));
+    return std::string(date) + ", " + model + " (L2 " + cache(2) + "/core, L3 " + cache(3) + "), " +
+           std::to_string(threads) + " OpenMP threads for every implementation";
+}
+
+void write_markdown(const Suite &suite, const std::string &path) {
+    std::ofstream out(path);
+    if (!out) throw std::runtime_error("--markdown: cannot write '" + path + "'");
+    const Options &o = suite.opt;
+    auto get = [&](size_t s, Format f, Op op, ImplKind impl) -> const Result * {
+        for (const Case &c : suite.cases)
+            if (c.shape == s && c.format == f && c.op == op && c.impl == impl) return &suite.results.at(c.bench_name);
+        return nullptr;
+    };
+    auto has = [&](ImplKind k) { return std::find(o.impls.begin(), o.impls.end(), k) != o.impls.end(); };
+    out << "# BatchNorm fp32: normgen vs oneDNN vs libtorch\n\n"
+        << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`.\n\n"
+        << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a copy "
+           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward. `frac` is the median "
+           "over repetitions of t_ref / t_kernel (1.0: as fast as moving the minimum bytes with a plain "
+           "loop); times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward).\n\n";
+
+    // Summary: geometric means over the shapes every listed implementation timed.
+    out << "## Summary (geometric means over the suite)\n\n"
+        << "| op | format | impl | shapes | median ms | GB/s | frac of ref | normgen / impl (frac) | normgen / impl (time) |\n"
+        << "|---|---|---|---:|---:|---:|---:|---:|---:|\n";
+    std::ostringstream headline;
+    headline << "| op | format | best peer | normgen / best peer (frac) | normgen / best peer (time) |\n"
+             << "|---|---|---|---:|---:|\n";
+    for (Op op : o.ops)
+        for (Format f : o.formats) {
+            std::vector<size_t> common;
+            for (size_t s = 0; s < suite.shapes.size(); s++) {
+                bool all = true;
+                for (ImplKind k : o.impls) {
+                    const Result *r = get(s, f, op, k);
+                    all = all && r && r->timed;
+                }
+                if (all) common.push_back(s);
+            }
+            if (common.empty()) continue;
+            struct G { double ms = 0, gbps = 0, frac = 0; };
+            std::map<ImplKind, G> g;
+            for (ImplKind k : o.impls) {
+                G &x = g[k];
+                for (size_t s : common) {
+                    const Result &r = *get(s, f, op, k);
+                    x.ms += std::log(r.median_ms);
+                    x.gbps += std::log(gbps(Problem{suite.shapes[s], f}, op, r.median_ms));
+                    x.frac += std::log(r.frac);
+                }
+                x.ms = std::exp(x.ms / common.size());
+                x.gbps = std::exp(x.gbps / common.size());
+                x.frac = std::exp(x.frac / common.size());
+            }
+            for (ImplKind k : o.impls) {
+                out << "| " << name(op) << " | " << name(f) << " | " << name(k) << " | " << common.size() << " | "
+                    << fmt(g[k].ms) << " | " << fmt(g[k].gbps, 1) << " | " << fmt(g[k].frac) << " | ";
+                if (has(ImplKind::normgen) && k != ImplKind::normgen)
+                    out << fmt(g[ImplKind::normgen].frac / g[k].frac) << " | " << fmt(g[k].ms / g[ImplKind::normgen].ms) << " |\n";
+                else
+                    out << " | |\n";
+            }
+            if (has(ImplKind::normgen) && (has(ImplKind::onednn) || has(ImplKind::torch))) {
+                ImplKind best = has(ImplKind::onednn) ? ImplKind::onednn : ImplKind::torch;
+                if (has(ImplKind::onednn) && has(ImplKind::torch) && g[ImplKind::torch].frac > g[ImplKind::onednn].frac)
+                    best = ImplKind::torch;
+                headline << "| " << name(op) << " | " << name(f) << " | " << name(best) << " | "
+                         << fmt(g[ImplKind::normgen].frac / g[best].frac) << " | "
+                         << fmt(g[best].ms / g[ImplKind::normgen].ms) << " |\n";
+            }
+        }
+    out << "\n`normgen / X` > 1 means normgen is faster than X (ratio of geometric-mean fractions of "
+           "reference, and inverse ratio of geometric-mean times).\n\n"
+        << "### normgen against the best peer (the faster of oneDNN and libtorch by geometric mean, per op and format)\n\n"
+        << headline.str() << "\n";
+
+    // Per shape, one table per (op, format).
+    for (Op op : o.ops)
+        for (Format f : o.formats) {
+            out << "## " << name(op) << ", " << name(f) << "\n\n| shape | MB | ref GB/s |";
+            for (ImplKind k : o.impls) out << ' ' << name(k) << " ms | frac |";
+            if (has(ImplKind::normgen) && o.impls.size() > 1) out << " normgen / best peer |";
+            out << " normgen kernel |\n|---|---:|---:|";
+            for (size_t k = 0; k < o.impls.size(); k++) out << "---:|---:|";
+            if (has(ImplKind::normgen) && o.impls.size() > 1) out << "---:|";
+            out << "---|\n";
+            for (size_t s = 0; s < suite.shapes.size(); s++) {
+                const Problem p{suite.shapes[s], f};
+                std::vector<double> refs;
+                for (ImplKind k : o.impls)
+                    if (const Result *r = get(s, f, op, k); r && r->timed) refs.push_back(gbps(p, op, r->ref_median_ms));
+                std::sort(refs.begin(), refs.end());
+                out << "| " << p.shape() << " | " << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
+                    << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
+                double best_peer = NAN;
+                for (ImplKind k : o.impls) {
+                    const Result *r = get(s, f, op, k);
+                    if (r && r->timed) {
+                        out << ' ' << fmt(r->median_ms) << " | " << fmt(r->frac, 2) << " |";
+                        if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
+                    } else {
+                        out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a") << " | |";
+                    }
+                }
+                const Result *ng = get(s, f, op, ImplKind::normgen);
+                if (has(ImplKind::normgen) && o.impls.size() > 1)
+                    out << ' ' << (ng && ng->timed ? fmt(ng->frac / best_peer, 2) : "") << " |";
+                out << ' ' << (ng ? ng->kernel : "") << " |\n";
+            }
+            out << '\n';
+        }
+
+    std::ostringstream problems;
+    for (const Case &c : suite.cases) {
+        const Result &r = suite.results.at(c.bench_name);
+        if (r.check != "ok") problems << "- " << c.bench_name << ": " << r.check << '\n';
+    }
+    if (!problems.str().empty()) out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
+}
+
+}  // namespace
+}  // namespace bench
+
+int main(int argc, char **argv) {
+    using namespace bench;
+    Suite suite;
+    try {
+        suite.opt = parse_options(&argc, argv);
+        suite.shapes = read_shapes(suite.opt.shapes_file);
+    } catch (const std::exception &e) {
+        std::fprintf(stderr, "bench_batch_norm: %s\n", e.what());
+        return 2;
+    }
+    const Options &o = suite.opt;
+    set_threads(o.threads);
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
+
+    for (size_t s = 0; s < suite.shapes.size(); s++)
+        for (Format f : o.formats)
+            for (Op op : o.ops)
+                for (ImplKind impl : o.impls) {
+                    const Problem p{suite.shapes[s], f};
+                    Case c{s, f, op, impl,
+                           std::string("bn/") + name(impl) + "/" + name(op) + "/" + name(f) + "/" + p.shape()};
+                    suite.cases.push_back(c);
+                    suite.results[c.bench_name];
+                }
+    for (const Case &c : suite.cases) {
+        const Problem p{suite.shapes[c.shape], c.format};
+        // Repetitions: the budget over a pessimistic estimate of one sample pair (10 GB/s, or
+        // 1 ms for the small problems that take several calls per sample), odd, in [11, 101].
+        const double pair_s = std::max(1e-3, 2.0 * passes(c.op) * p.numel() * sizeof(float) / 10e9);
+        int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 11, 101);
+        benchmark::RegisterBenchmark(c.bench_name.c_str(), [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond)
+            ->Iterations(1)
+            ->Repetitions(reps)
+            ->ReportAggregatesOnly(true)
+            ->ComputeStatistics("min", [](const std::vector<double> &v) { return *std::min_element(v.begin(), v.end()); });
+    }
+
+    Reporter reporter(suite);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    benchmark::Shutdown();
+
+    try {
+        if (!o.csv.empty()) write_csv(suite, o.csv);
+        if (!o.markdown.empty()) write_markdown(suite, o.markdown);
+    } catch (const std::exception &e) {
+        std::fprintf(stderr, "bench_batch_norm: %s\n", e.what());
+        return 2;
+    }
+    int failed = 0;
+    for (const auto &[bench_name, r] : suite.results)
+        if (r.check.rfind("FAIL", 0) == 0) failed++;
+    if (failed) std::fprintf(stderr, "bench_batch_norm: %d case(s) failed the sanity check\n", failed);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,123 @@
+// Shared types of the BatchNorm benchmark: the problem, its buffers, and the interface every
+// implementation (normgen, oneDNN, libtorch) fills in. See bench_batch_norm.cpp for the design.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+enum class Op { fwd_train, fwd_infer, bwd_train };
+enum class Format { contig, cl };
+enum class ImplKind { normgen, onednn, torch };
+
+const char *name(Op op);          // fwd_train | fwd_infer | bwd_train
+const char *name(Format format);  // contig | cl (normgen's layout names)
+const char *name(ImplKind impl);  // normgen | onednn | torch
+
+// DRAM passes over the tensor at the minimum: forward reads x and writes y; backward reads x
+// and dy and writes dx. The bandwidth references move exactly these bytes.
+inline int passes(Op op) { return op == Op::bwd_train ? 3 : 2; }
+
+constexpr double kEps = 1e-5;
+constexpr double kMomentum = 0.1;
+
+// A BatchNorm input in PyTorch order (N, C, spatial...), 2..5 dims, in one memory format.
+struct Problem {
+    std::vector<int64_t> dims;
+    Format format = Format::contig;
+
+    int64_t n() const { return dims[0]; }
+    int64_t c() const { return dims[1]; }
+    int64_t s() const;       // product of the spatial extents (1 for BatchNorm1d on (N, C))
+    int64_t numel() const { return n() * c() * s(); }
+    std::string shape() const;  // "32x64x56x56"
+    // Physical offset of logical element (n, c, s) in this format.
+    int64_t offset(int64_t n, int64_t c, int64_t s) const {
+        return format == Format::contig ? (n * this->c() + c) * this->s() + s
+                                        : (n * this->s() + s) * this->c() + c;
+    }
+};
+
+// 2 MiB-aligned float buffer with transparent huge pages requested and every page touched, so
+// no implementation pays page faults or TLB misses the others do not.
+class Buffer {
+public:
+    Buffer() = default;
+    explicit Buffer(size_t count);
+    ~Buffer();
+    Buffer(Buffer &&o) noexcept : data_(o.data_), count_(o.count_) { o.data_ = nullptr; o.count_ = 0; }
+    Buffer &operator=(Buffer &&o) noexcept;
+    Buffer(const Buffer &) = delete;
+    Buffer &operator=(const Buffer &) = delete;
+    float *data() const { return data_; }
+    size_t size() const { return count_; }
+    float &operator[](size_t i) const { return data_[i]; }
+
+private:
+    float *data_ = nullptr;
+    size_t count_ = 0;
+};
+
+// Inputs shared by every implementation. Values depend only on the logical index, so both
+// formats hold the same logical tensor.
+struct Inputs {
+    Buffer x, dy;                          // numel each
+    Buffer weight, bias;                   // C each
+    Buffer running_mean, running_var;      // C each: the running stats before any step
+    explicit Inputs(const Problem &p);
+};
+
+// What an implementation computed, for the sanity check. Large outputs are pointers into the
+// implementation's own buffers; per-channel values are copies. Empty vectors: not produced.
+struct Outputs {
+    const float *y_train = nullptr, *y_infer = nullptr, *dx = nullptr;
+    std::vector<float> save_mean, save_invstd, running_mean, running_var, dweight, dbias;
+    std::string error[3];  // per Op: what run() threw
+};
+
+// One implementation bound to one problem. Every buffer it writes is allocated by the
+// constructor; run() only calls the library. The bandwidth reference writes into output(op), so
+// the reference and the kernel move the same bytes through the same buffers.
+class Impl {
+public:
+    virtual ~Impl() = default;
+    // Empty if the op can run; otherwise why not (e.g. normgen has no kernel for it).
+    virtual std::string unavailable(Op op) const = 0;
+    virtual std::string kernel(Op op) const = 0;  // the kernel/path that runs, for the CSV
+    virtual void run(Op op) = 0;                  // the timed call
+    virtual void reset_running_stats() = 0;       // back to Inputs' running stats
+    float *output(Op op) { return op == Op::bwd_train ? dx_.data() : y_.data(); }
+    // Runs fwd_infer, fwd_train and bwd_train once each from fresh running stats and returns
+    // what they produced (y_infer is copied aside since fwd_train overwrites y) or threw.
+    Outputs run_for_check();
+
+protected:
+    Impl(const Problem &p, const Inputs &in);
+    virtual void collect(Outputs &out) const = 0;  // per-channel results after the three runs
+    const Problem problem_;
+    const Inputs &in_;
+    Buffer y_, dx_, y_infer_copy_;
+};
+
+// Factories: throw std::runtime_error if the implementation cannot be set up at all.
+std::unique_ptr<Impl> make_normgen(const Problem &p, const Inputs &in);
+std::unique_ptr<Impl> make_onednn(const Problem &p, const Inputs &in);
+std::unique_ptr<Impl> make_torch(const Problem &p, const Inputs &in);
+
+// libtorch's public operators (at::native_batch_norm / at::native_batch_norm_backward, what
+// torch.nn.functional.batch_norm and autograd call): the oracle every implementation is checked
+// against, computed once per problem outside any timed region.
+Outputs torch_oracle(const Problem &p, const Inputs &in, std::vector<Buffer> &storage);
+
+// Compares out with the oracle for op; empty string if within tolerance, else what differs.
+// *max_err receives the largest normalised error seen.
+std::string check(Op op, const Problem &p, const Outputs &oracle, const Outputs &out,
+                  double *max_err);
+
+void set_threads(int threads);  // OpenMP, libtorch (and so oneDNN and normgen's pool)
+
+}  // namespace bench

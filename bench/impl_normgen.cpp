@@ -1,0 +1,107 @@
+// normgen through its C API, as an ML compiler would call it: one plan per op, created once.
+#include "bench_common.h"
+
+#include <normgen/normgen.h>
+
+#include <cstring>
+#include <stdexcept>
+
+namespace bench {
+namespace {
+
+class NormgenImpl final : public Impl {
+public:
+    NormgenImpl(const Problem &p, const Inputs &in)
+        : Impl(p, in), save_mean_(p.c()), save_invstd_(p.c()), running_mean_(p.c()),
+          running_var_(p.c()), dweight_(p.c()), dbias_(p.c()) {
+        if (ng_runtime_open(nullptr, &rt_) != NG_OK)
+            throw std::runtime_error(std::string("ng_runtime_open: ") + ng_last_error());
+        ng_tensor t{static_cast<int32_t>(p.dims.size()), {0, 0, 0, 0, 0},
+                    p.format == Format::contig ? NG_CONTIGUOUS : NG_CHANNELS_LAST, NG_F32, NG_CPU};
+        for (size_t i = 0; i < p.dims.size(); i++) t.shape[i] = p.dims[i];
+        for (Op op : {Op::fwd_train, Op::fwd_infer, Op::bwd_train}) {
+            ng_batch_norm_params params = ng_batch_norm_params_default();
+            params.eps = kEps;
+            params.momentum = kMomentum;
+            params.training = op != Op::fwd_infer;
+            ng_plan *plan = nullptr;
+            const ng_op ng = op == Op::bwd_train ? NG_OP_BACKWARD : NG_OP_FORWARD;
+            if (ng_plan_create(rt_, ng, &t, &params, &plan) == NG_OK) {
+                plans_[int(op)] = plan;
+                const std::string d = ng_plan_describe(plan);
+                kernel_[int(op)] = d.substr(0, d.find_first_of(" \t\n:,"));
+            } else {
+                why_[int(op)] = std::string("ng_plan_create: ") + ng_last_error();
+            }
+        }
+    }
+    ~NormgenImpl() override {
+        for (ng_plan *plan : plans_) ng_plan_destroy(plan);
+        ng_runtime_close(rt_);
+    }
+
+    std::string unavailable(Op op) const override { return why_[int(op)]; }
+    std::string kernel(Op op) const override { return kernel_[int(op)]; }
+
+    void run(Op op) override {
+        ng_plan *plan = plans_[int(op)];
+        ng_status status = NG_OK;
+        switch (op) {
+        case Op::fwd_train:
+            status = ng_batch_norm_forward(plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(),
+                                           in_.bias.data(), running_mean_.data(), running_var_.data(),
+                                           &num_batches_tracked_, save_mean_.data(), save_invstd_.data());
+            break;
+        case Op::fwd_infer:
+            status = ng_batch_norm_forward(plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(),
+                                           in_.bias.data(), running_mean_.data(), running_var_.data(),
+                                           nullptr, nullptr, nullptr);
+            break;
+        case Op::bwd_train:
+            status = ng_batch_norm_backward(plan, in_.x.data(), in_.dy.data(), nullptr, in_.weight.data(),
+                                            nullptr, running_mean_.data(), running_var_.data(),
+                                            save_mean_.data(), save_invstd_.data(), dx_.data(),
+                                            dweight_.data(), dbias_.data(), nullptr);
+            break;
+        }
+        if (status != NG_OK)
+            throw std::runtime_error(std::string(ng_status_name(status)) + ": " + ng_last_error());
+    }
+
+    void reset_running_stats() override {
+        const size_t bytes = problem_.c() * sizeof(float);
+        std::memcpy(running_mean_.data(), in_.running_mean.data(), bytes);
+        std::memcpy(running_var_.data(), in_.running_var.data(), bytes);
+        num_batches_tracked_ = 0;
+    }
+
+protected:
+    void collect(Outputs &out) const override {
+        auto vec = [&](const Buffer &b) { return std::vector<float>(b.data(), b.data() + problem_.c()); };
+        if (out.y_train) {
+            out.save_mean = vec(save_mean_);
+            out.save_invstd = vec(save_invstd_);
+            out.running_mean = vec(running_mean_);
+            out.running_var = vec(running_var_);
+        }
+        if (out.dx) {
+            out.dweight = vec(dweight_);
+            out.dbias = vec(dbias_);
+        }
+    }
+
+private:
+    ng_runtime *rt_ = nullptr;
+    ng_plan *plans_[3] = {nullptr, nullptr, nullptr};
+    std::string kernel_[3], why_[3];
+    Buffer save_mean_, save_invstd_, running_mean_, running_var_, dweight_, dbias_;
+    int64_t num_batches_tracked_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Impl> make_normgen(const Problem &p, const Inputs &in) {
+    return std::make_unique<NormgenImpl>(p, in);
+}
+
+}  // namespace bench
