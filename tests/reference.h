@@ -1,0 +1,72 @@
+// The oracle: BatchNorm forward and backward in float64, written for clarity, not speed.
+//
+// Every BatchNorm1d/2d/3d input is viewed as (N, C, S), S the product of the spatial extents,
+// stored either contiguously (PyTorch's default: index (n*C + c)*S + s) or channels-last
+// (C innermost: index (n*S + s)*C + c). Semantics are PyTorch's:
+//   forward  = torch.nn.functional.batch_norm + the module's running-statistics bookkeeping
+//   backward = aten::native_batch_norm_backward (train: saved batch statistics; eval: running)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace normgen::ref {
+
+// The canonical (N, C, S) view of a tensor and where element (n, c, s) lives in memory.
+struct View {
+    int64_t n = 1, c = 1, s = 1;
+    bool channels_last = false;
+
+    int64_t size() const { return n * c * s; }
+    int64_t at(int64_t in, int64_t ic, int64_t is) const {
+        return channels_last ? (in * s + is) * c + ic : (in * c + ic) * s + is;
+    }
+    // Calls f(c, index) for every element, in storage order (cache-friendly for big tensors).
+    template <typename F>
+    void for_each(F &&f) const {
+        for (int64_t in = 0; in < n; in++)
+            for (int64_t j = 0; j < c * s; j++)
+                channels_last ? f(j % c, in * c * s + j) : f(j / s, in * c * s + j);
+    }
+};
+
+struct Params {
+    double eps = 1e-5;
+    double momentum = 0.1;  // NaN: momentum=None, cumulative average
+    bool affine = true;
+    bool track_running_stats = true;
+    bool training = true;
+};
+
+// A module's running-statistics buffers, kept in float64 by the reference.
+struct RunningStats {
+    std::vector<double> mean, var;
+    int64_t num_batches_tracked = 0;
+};
+
+struct ForwardResult {
+    std::vector<double> y;
+    bool batch_statistics = false;  // true: mean/invstd below are the batch's (save_mean/invstd)
+    std::vector<double> mean, invstd, biased_var;  // the statistics y was normalised with
+};
+
+// weight/bias: C floats, ignored (1 and 0) unless params.affine.
+// running: updated in training when track_running_stats, read in eval; may be null only when
+// it is neither read nor written.
+ForwardResult forward(const View &v, const Params &p, const float *x, const float *weight,
+                      const float *bias, RunningStats *running);
+
+struct BackwardResult {
+    std::vector<double> dx, dweight, dbias;
+    std::vector<double> invstd;  // the one the gradients were computed with
+};
+
+// As aten::native_batch_norm_backward(dy, x, weight, running_mean, running_var, save_mean,
+// save_invstd, train, eps): train uses save_mean/save_invstd, eval running_mean/running_var.
+// weight null means 1.
+BackwardResult backward(const View &v, const float *x, const float *dy, const float *weight,
+                        const float *running_mean, const float *running_var,
+                        const float *save_mean, const float *save_invstd, bool train,
+                        double eps);
+
+}  // namespace normgen::ref

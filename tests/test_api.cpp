@@ -1,0 +1,1039 @@
+// API and registry tests: every bad input of issue 2 gets the right status and a message naming
+// the argument and the value; broken packages fail cleanly; kernels never touch memory outside
+// the caller's buffers; plans choose the kernel they should and say why.
+#include "test_support.h"
+
+#include <normgen/normgen.hpp>
+
+#include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <thread>
+
+namespace fs = std::filesystem;
+
+namespace normgen::test {
+namespace {
+
+// ---- Helpers ----------------------------------------------------------------------------
+
+// Did the last call fail with `status`, and does ng_last_error() name every one of `words`?
+::testing::AssertionResult failed_with(ng_status got, ng_status want,
+                                       const std::vector<std::string> &words) {
+    const std::string msg = ng_last_error();
+    if (got != want)
+        return ::testing::AssertionFailure() << "status " << ng_status_name(got) << ", expected "
+                                             << ng_status_name(want) << " (message: \"" << msg
+                                             << "\")";
+    for (const auto &w : words)
+        if (!names(msg, w))
+            return ::testing::AssertionFailure() << "message \"" << msg << "\" does not name '"
+                                                 << w << "'";
+    return ::testing::AssertionSuccess() << msg;
+}
+
+bool contains(const std::string &haystack, const std::string &needle) {
+    return haystack.find(needle) != std::string::npos;
+}
+
+ng_runtime *best_runtime() { return runtime_for_isa(best_isa()); }
+
+// ng_plan_create for a descriptor/parameter error: must fail at plan creation (a plan is bound
+// to its shape and parameters, so nothing about them is left for the call) without a plan.
+::testing::AssertionResult plan_rejected(ng_op op, const ng_tensor &t,
+                                         const ng_batch_norm_params &p, ng_status want,
+                                         const std::vector<std::string> &words) {
+    ng_plan *plan = reinterpret_cast<ng_plan *>(uintptr_t(0x1));  // must be overwritten
+    const ng_status st = ng_plan_create(best_runtime(), op, &t, &p, &plan);
+    auto r = failed_with(st, want, words);
+    if (st == NG_OK) {
+        ng_plan_destroy(plan);
+        return r;
+    }
+    if (plan != nullptr)
+        return ::testing::AssertionFailure() << "failed ng_plan_create left *out_plan non-NULL";
+    return r;
+}
+
+ng_tensor small_tensor() { return make_tensor({4, 3, 5}, NG_CONTIGUOUS); }
+
+// Valid buffers for one forward and one backward call on a small tensor, all with canaries.
+struct Call {
+    ng_tensor t;
+    ref::View v;
+    Guarded x, dy, y, dx, weight, bias, rm, rv, save_mean, save_invstd, dweight, dbias, z, dz;
+    int64_t nbt = 3;
+
+    explicit Call(const ng_tensor &tensor)
+        : t(tensor), v(view_of(tensor)), x(v.size()), dy(v.size()), y(v.size()), dx(v.size()),
+          weight(v.c), bias(v.c), rm(v.c), rv(v.c), save_mean(v.c), save_invstd(v.c),
+          dweight(v.c), dbias(v.c), z(v.size()), dz(v.size()) {
+        Rng rng(5);
+        for (int64_t i = 0; i < v.size(); i++) {
+            x[i] = float(rng.uniform(-2, 2));
+            dy[i] = float(rng.uniform(-1, 1));
+        }
+        for (int64_t c = 0; c < v.c; c++) {
+            weight[c] = 1.5f;
+            bias[c] = 0.5f;
+            rm[c] = 0.25f;
+            rv[c] = 2.0f;
+            save_mean[c] = 0.0f;
+            save_invstd[c] = 1.0f;
+        }
+        for (Guarded *g : {&y, &dx, &dweight, &dbias, &dz}) g->fill(-123.0f);
+    }
+
+    ng_status forward(ng_plan *plan) {
+        return ng_batch_norm_forward(plan, x.data(), nullptr, y.data(), weight.data(),
+                                     bias.data(), rm.data(), rv.data(), &nbt, save_mean.data(),
+                                     save_invstd.data());
+    }
+    ng_status backward(ng_plan *plan) {
+        return ng_batch_norm_backward(plan, x.data(), dy.data(), nullptr, weight.data(), nullptr,
+                                      rm.data(), rv.data(), save_mean.data(), save_invstd.data(),
+                                      dx.data(), dweight.data(), dbias.data(), nullptr);
+    }
+
+    // After a rejected call: no output written, running statistics and counter untouched, and
+    // nothing written outside any buffer.
+    ::testing::AssertionResult untouched() const {
+        for (const Guarded *g : {&x, &dy, &y, &dx, &weight, &bias, &rm, &rv, &save_mean,
+                                 &save_invstd, &dweight, &dbias, &z, &dz})
+            if (auto r = g->check_canaries("buffer"); !r) return r;
+        for (int64_t i = 0; i < v.size(); i++)
+            if (y[i] != -123.0f || dx[i] != -123.0f)
+                return ::testing::AssertionFailure() << "a rejected call wrote y or dx";
+        for (int64_t c = 0; c < v.c; c++)
+            if (rm[c] != 0.25f || rv[c] != 2.0f || dweight[c] != -123.0f)
+                return ::testing::AssertionFailure()
+                       << "a rejected call changed running stats or dweight";
+        if (nbt != 3) return ::testing::AssertionFailure() << "a rejected call changed nbt";
+        return ::testing::AssertionSuccess();
+    }
+};
+
+PlanPtr make_plan(ng_op op, const ng_tensor &t, const ng_batch_norm_params &p,
+                  ng_runtime *rt = nullptr) {
+    ng_plan *raw = nullptr;
+    const ng_status st = ng_plan_create(rt ? rt : best_runtime(), op, &t, &p, &raw);
+    EXPECT_EQ(st, NG_OK) << ng_last_error();
+    return PlanPtr(st == NG_OK ? raw : nullptr);
+}
+
+// ---- Defaults and small things ------------------------------------------------------------
+
+TEST(Api, ParamsDefaultIsPyTorchDefault) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    EXPECT_EQ(p.eps, 1e-5);
+    EXPECT_EQ(p.momentum, 0.1);
+    EXPECT_EQ(p.affine, 1);
+    EXPECT_EQ(p.track_running_stats, 1);
+    EXPECT_EQ(p.training, 1);
+    EXPECT_EQ(p.activation, NG_ACT_NONE);
+    EXPECT_EQ(p.residual, 0);
+}
+
+TEST(Api, StatusNamesAreDistinct) {
+    std::set<std::string> seen;
+    for (ng_status s : {NG_OK, NG_INVALID_ARGUMENT, NG_UNSUPPORTED, NG_NO_KERNEL, NG_NO_DEVICE,
+                        NG_OUT_OF_MEMORY, NG_INTERNAL, NG_PACKAGE_ERROR}) {
+        ASSERT_NE(ng_status_name(s), nullptr);
+        EXPECT_TRUE(seen.insert(ng_status_name(s)).second) << ng_status_name(s);
+    }
+    EXPECT_TRUE(contains(ng_status_name(NG_OK), "OK"));
+    EXPECT_NE(ng_status_name(static_cast<ng_status>(99)), nullptr);
+}
+
+TEST(Api, DestroyAndCloseAcceptNull) {
+    ng_plan_destroy(nullptr);
+    ng_runtime_close(nullptr);
+}
+
+// ng_last_error is per thread, and "" on a thread that never failed.
+TEST(Api, LastErrorIsThreadLocal) {
+    ASSERT_EQ(ng_plan_create(best_runtime(), NG_OP_FORWARD, nullptr, nullptr, nullptr),
+              NG_INVALID_ARGUMENT);
+    const std::string mine = ng_last_error();
+    EXPECT_FALSE(mine.empty());
+    std::string other_before, other_after;
+    std::thread([&] {
+        other_before = ng_last_error();
+        ng_tensor t = small_tensor();
+        t.ndim = 9;
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        ng_plan *plan = nullptr;
+        ng_plan_create(best_runtime(), NG_OP_FORWARD, &t, &p, &plan);
+        other_after = ng_last_error();
+    }).join();
+    EXPECT_EQ(other_before, "");
+    EXPECT_TRUE(names(other_after, "ndim")) << other_after;
+    EXPECT_EQ(std::string(ng_last_error()), mine);
+}
+
+// ---- Null pointers ----------------------------------------------------------------------
+
+TEST(BadInput, NullPointersAtOpenAndPlan) {
+    EXPECT_TRUE(failed_with(ng_runtime_open(package_dir().c_str(), nullptr), NG_INVALID_ARGUMENT,
+                            {"out_runtime"}));
+    const ng_tensor t = small_tensor();
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    ng_plan *plan = nullptr;
+    EXPECT_TRUE(failed_with(ng_plan_create(nullptr, NG_OP_FORWARD, &t, &p, &plan),
+                            NG_INVALID_ARGUMENT, {"runtime"}));
+    EXPECT_EQ(plan, nullptr);
+    EXPECT_TRUE(failed_with(ng_plan_create(best_runtime(), NG_OP_FORWARD, nullptr, &p, &plan),
+                            NG_INVALID_ARGUMENT, {"x"}));
+    EXPECT_TRUE(failed_with(ng_plan_create(best_runtime(), NG_OP_FORWARD, &t, nullptr, &plan),
+                            NG_INVALID_ARGUMENT, {"params"}));
+    EXPECT_TRUE(failed_with(ng_plan_create(best_runtime(), NG_OP_FORWARD, &t, &p, nullptr),
+                            NG_INVALID_ARGUMENT, {"out_plan"}));
+}
+
+TEST(BadInput, NullPointersInForward) {
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call k(small_tensor());
+    PlanPtr train = make_plan(NG_OP_FORWARD, k.t, p);
+    ASSERT_TRUE(train);
+    auto fwd = [&](ng_plan *plan, const void *x, void *y, const float *w, const float *b,
+                   float *rm, float *rv, int64_t *nbt) {
+        return ng_batch_norm_forward(plan, x, nullptr, y, w, b, rm, rv, nbt, k.save_mean.data(),
+                                     k.save_invstd.data());
+    };
+    float *rm = k.rm.data(), *rv = k.rv.data();
+    const float *x = k.x.data(), *w = k.weight.data(), *b = k.bias.data();
+    float *y = k.y.data();
+    EXPECT_TRUE(failed_with(fwd(nullptr, x, y, w, b, rm, rv, &k.nbt), NG_INVALID_ARGUMENT, {"plan"}));
+    EXPECT_TRUE(failed_with(fwd(train.get(), nullptr, y, w, b, rm, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"x"}));
+    EXPECT_TRUE(failed_with(fwd(train.get(), x, nullptr, w, b, rm, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"y"}));
+    // affine: weight and bias are required
+    EXPECT_TRUE(failed_with(fwd(train.get(), x, y, nullptr, b, rm, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"weight", "affine"}));
+    EXPECT_TRUE(failed_with(fwd(train.get(), x, y, w, nullptr, rm, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"bias", "affine"}));
+    // training with track_running_stats updates the running statistics: they are required
+    EXPECT_TRUE(failed_with(fwd(train.get(), x, y, w, b, nullptr, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"running_mean"}));
+    EXPECT_TRUE(failed_with(fwd(train.get(), x, y, w, b, rm, nullptr, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"running_var"}));
+    EXPECT_TRUE(k.untouched());
+
+    // eval normalises with the running statistics
+    p.training = 0;
+    PlanPtr eval = make_plan(NG_OP_FORWARD, k.t, p);
+    EXPECT_TRUE(failed_with(fwd(eval.get(), x, y, w, b, nullptr, rv, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"running_mean"}));
+    EXPECT_TRUE(failed_with(fwd(eval.get(), x, y, w, b, rm, nullptr, &k.nbt),
+                            NG_INVALID_ARGUMENT, {"running_var"}));
+    // momentum None needs the counter
+    p.training = 1;
+    p.momentum = NAN;
+    PlanPtr none = make_plan(NG_OP_FORWARD, k.t, p);
+    EXPECT_TRUE(failed_with(fwd(none.get(), x, y, w, b, rm, rv, nullptr), NG_INVALID_ARGUMENT,
+                            {"num_batches_tracked"}));
+    EXPECT_TRUE(k.untouched());
+}
+
+TEST(BadInput, NullPointersInBackward) {
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call k(small_tensor());
+    PlanPtr train = make_plan(NG_OP_BACKWARD, k.t, p);
+    ASSERT_TRUE(train);
+    struct Args {
+        ng_plan *plan;
+        const void *x, *dy;
+        const float *w, *rm, *rv, *sm, *si;
+        void *dx;
+    };
+    auto bwd = [&](const Args &a) {
+        return ng_batch_norm_backward(a.plan, a.x, a.dy, nullptr, a.w, nullptr, a.rm, a.rv, a.sm,
+                                      a.si, a.dx, k.dweight.data(), k.dbias.data(), nullptr);
+    };
+    const Args ok{train.get(), k.x.data(), k.dy.data(),          k.weight.data(), k.rm.data(),
+                  k.rv.data(), k.save_mean.data(), k.save_invstd.data(), k.dx.data()};
+    Args a = ok;
+    a.plan = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"plan"}));
+    a = ok, a.x = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"x"}));
+    a = ok, a.dy = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"dy"}));
+    a = ok, a.dx = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"dx"}));
+    a = ok, a.w = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"weight"}));
+    a = ok, a.sm = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"save_mean"}));
+    a = ok, a.si = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"save_invstd"}));
+    EXPECT_TRUE(k.untouched());
+
+    p.training = 0;
+    PlanPtr eval = make_plan(NG_OP_BACKWARD, k.t, p);
+    const Args eval_ok{eval.get(), k.x.data(), k.dy.data(), k.weight.data(), k.rm.data(),
+                       k.rv.data(), nullptr, nullptr, k.dx.data()};
+    a = eval_ok, a.rm = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"running_mean"}));
+    a = eval_ok, a.rv = nullptr;
+    EXPECT_TRUE(failed_with(bwd(a), NG_INVALID_ARGUMENT, {"running_var"}));
+    EXPECT_TRUE(k.untouched());
+    // The valid calls succeed (so the failures above were about the one bad argument).
+    EXPECT_EQ(bwd(ok), NG_OK) << ng_last_error();
+    EXPECT_EQ(bwd(eval_ok), NG_OK) << ng_last_error();
+}
+
+// ---- Tensor descriptors -----------------------------------------------------------------
+
+TEST(BadInput, NdimOutside2To5) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    for (int ndim : {-1, 0, 1, 6, 100}) {
+        ng_tensor t = make_tensor({2, 3, 4, 5, 6}, NG_CONTIGUOUS);
+        t.ndim = ndim;
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_INVALID_ARGUMENT,
+                                  {"ndim", std::to_string(ndim)}))
+            << "ndim " << ndim;
+    }
+}
+
+TEST(BadInput, ZeroOrNegativeExtents) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    for (int dim = 0; dim < 4; dim++)
+        for (int64_t bad : {int64_t(0), int64_t(-3), std::numeric_limits<int64_t>::min()}) {
+            std::vector<int64_t> shape = {2, 3, 4, 5};
+            shape[dim] = bad;
+            EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, make_tensor(shape, NG_CHANNELS_LAST), p,
+                                      NG_INVALID_ARGUMENT, {"shape", std::to_string(bad)}))
+                << "shape[" << dim << "] = " << bad;
+        }
+}
+
+TEST(BadInput, OverflowingElementCount) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    // 2^40 * 2^40: the product does not fit int64.
+    const int64_t big = int64_t(1) << 40;
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, make_tensor({big, big, 4}, NG_CONTIGUOUS), p,
+                              NG_INVALID_ARGUMENT, {"shape", "overflows"}));
+    // Overflow only at the last factor of a 5-D shape, and products that wrap to small values.
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD,
+                              make_tensor({1 << 16, 1 << 16, 1 << 16, 1 << 16, 2}, NG_CONTIGUOUS),
+                              p, NG_INVALID_ARGUMENT, {"shape", "overflows"}));
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD,
+                              make_tensor({int64_t(1) << 32, int64_t(1) << 32, 3}, NG_CONTIGUOUS),
+                              p, NG_INVALID_ARGUMENT, {"shape", "overflows"}));
+}
+
+// Valid in PyTorch but beyond the kernels' 32-bit addressing: NG_UNSUPPORTED, not a crash.
+TEST(BadInput, TooLargeTensorIsUnsupported) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    for (auto shape : std::vector<std::vector<int64_t>>{
+             {2, 4, int64_t(1) << 28}, {int64_t(1) << 30, 2}, {1 << 20, 64, 64, 64}})
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, make_tensor(shape, NG_CHANNELS_LAST), p,
+                                  NG_UNSUPPORTED, {"shape"}))
+            << shape_string(make_tensor(shape, NG_CHANNELS_LAST));
+}
+
+TEST(BadInput, UnknownEnumValues) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    ng_tensor t = small_tensor();
+    t.format = static_cast<ng_memory_format>(7);
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_INVALID_ARGUMENT, {"format", "7"}));
+    t = small_tensor();
+    t.dtype = static_cast<ng_dtype>(9);
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_INVALID_ARGUMENT, {"dtype", "9"}));
+    t = small_tensor();
+    t.device = static_cast<ng_device>(-2);
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_INVALID_ARGUMENT, {"device", "-2"}));
+    ng_batch_norm_params q = p;
+    q.activation = static_cast<ng_activation>(4);
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, small_tensor(), q, NG_INVALID_ARGUMENT,
+                              {"activation", "4"}));
+    t = small_tensor();
+    ng_plan *plan = nullptr;
+    EXPECT_TRUE(failed_with(
+        ng_plan_create(best_runtime(), static_cast<ng_op>(2), &t, &p, &plan),
+        NG_INVALID_ARGUMENT, {"op", "2"}));
+    EXPECT_EQ(plan, nullptr);
+    // Flags are 0 or 1.
+    q = p;
+    q.training = 5;
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, q, NG_INVALID_ARGUMENT, {"training", "5"}));
+}
+
+// ---- Parameters -------------------------------------------------------------------------
+
+TEST(BadInput, EpsMustBePositive) {
+    for (double eps : {0.0, -1.0, double(NAN), -double(INFINITY), double(INFINITY)}) {
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        p.eps = eps;
+        std::ostringstream value;
+        value << eps;  // as C++ streams print it: 0, -1, nan, -inf, inf
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, small_tensor(), p, NG_INVALID_ARGUMENT,
+                                  {"eps", value.str()}))
+            << "eps " << eps;
+    }
+}
+
+TEST(BadInput, MomentumOutside0To1) {
+    for (double m : {-0.5, 1.5, double(INFINITY), -double(INFINITY)}) {
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        p.momentum = m;
+        std::ostringstream value;
+        value << m;
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, small_tensor(), p, NG_INVALID_ARGUMENT,
+                                  {"momentum", value.str()}))
+            << "momentum " << m;
+    }
+    // The edges and NAN (momentum=None) are valid.
+    for (double m : {0.0, 1.0, double(NAN)}) {
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        p.momentum = m;
+        PlanPtr plan = make_plan(NG_OP_FORWARD, small_tensor(), p);
+        EXPECT_TRUE(plan) << "momentum " << m;
+    }
+}
+
+// PyTorch: "Expected more than 1 value per channel when training", whenever batch statistics
+// are used: training, and eval without running statistics. Eval with running stats is fine.
+TEST(BadInput, OneValuePerChannelWithBatchStatistics) {
+    const std::string torch_msg = "Expected more than 1 value per channel when training";
+    for (auto shape : std::vector<std::vector<int64_t>>{{1, 4}, {1, 4, 1}, {1, 4, 1, 1},
+                                                        {1, 1, 1, 1, 1}}) {
+        for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST}) {
+            const ng_tensor t = make_tensor(shape, fmt);
+            for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
+                SCOPED_TRACE(shape_string(t) + (op == NG_OP_FORWARD ? " forward" : " backward"));
+                ng_batch_norm_params p = ng_batch_norm_params_default();
+                ng_plan *plan = nullptr;
+                ng_status st = ng_plan_create(best_runtime(), op, &t, &p, &plan);
+                EXPECT_EQ(st, NG_INVALID_ARGUMENT);
+                EXPECT_TRUE(contains(ng_last_error(), torch_msg)) << ng_last_error();
+                p.training = 0;
+                p.track_running_stats = 0;
+                st = ng_plan_create(best_runtime(), op, &t, &p, &plan);
+                EXPECT_EQ(st, NG_INVALID_ARGUMENT);
+                EXPECT_TRUE(contains(ng_last_error(), torch_msg)) << ng_last_error();
+                p.track_running_stats = 1;
+                EXPECT_TRUE(make_plan(op, t, p)) << "eval with running stats accepts M = 1";
+            }
+        }
+    }
+    // And it runs: eval on a single value per channel.
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    p.training = 0;
+    Call k(make_tensor({1, 3}, NG_CONTIGUOUS));
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, p);
+    ASSERT_EQ(k.forward(plan.get()), NG_OK) << ng_last_error();
+    for (int c = 0; c < 3; c++)
+        EXPECT_NEAR(k.y[c], (k.x[c] - 0.25) / std::sqrt(2.0 + 1e-5) * 1.5 + 0.5, 1e-6);
+}
+
+// Fused variants, reduced precision and CUDA are not built yet.
+TEST(BadInput, NotYetSupported) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    for (ng_dtype dt : {NG_F16, NG_BF16}) {
+        ng_tensor t = small_tensor();
+        t.dtype = dt;
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_UNSUPPORTED, {"dtype"}));
+        EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, t, p, NG_UNSUPPORTED, {"dtype"}));
+    }
+    ng_batch_norm_params q = p;
+    q.activation = NG_ACT_RELU;
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, small_tensor(), q, NG_UNSUPPORTED, {"activation"}));
+    q = p;
+    q.residual = 1;
+    EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, small_tensor(), q, NG_UNSUPPORTED, {"residual"}));
+
+    // A CUDA tensor: no device without a driver; with one, still no CUDA kernels in the package.
+    ng_tensor t = small_tensor();
+    t.device = NG_CUDA;
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (driver) dlclose(driver);
+    if (!driver)
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_NO_DEVICE, {"device", "cuda"}));
+    else
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_NO_KERNEL, {"device", "cuda"}));
+}
+
+// z (the residual input) without params.residual; dz likewise in backward.
+TEST(BadInput, ResidualBuffersWithoutResidual) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call k(small_tensor());
+    PlanPtr fwd = make_plan(NG_OP_FORWARD, k.t, p);
+    PlanPtr bwd = make_plan(NG_OP_BACKWARD, k.t, p);
+    EXPECT_TRUE(failed_with(ng_batch_norm_forward(fwd.get(), k.x.data(), k.z.data(), k.y.data(),
+                                                  k.weight.data(), k.bias.data(), k.rm.data(),
+                                                  k.rv.data(), &k.nbt, nullptr, nullptr),
+                            NG_INVALID_ARGUMENT, {"z", "residual"}));
+    EXPECT_TRUE(failed_with(
+        ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), k.z.data(), k.weight.data(),
+                               nullptr, nullptr, nullptr, k.save_mean.data(),
+                               k.save_invstd.data(), k.dx.data(), nullptr, nullptr, nullptr),
+        NG_INVALID_ARGUMENT, {"z", "residual"}));
+    EXPECT_TRUE(failed_with(
+        ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), nullptr, k.weight.data(),
+                               nullptr, nullptr, nullptr, k.save_mean.data(),
+                               k.save_invstd.data(), k.dx.data(), nullptr, nullptr, k.dz.data()),
+        NG_INVALID_ARGUMENT, {"dz", "residual"}));
+    EXPECT_TRUE(k.untouched());
+}
+
+TEST(BadInput, PlanUsedWithTheWrongOp) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call k(small_tensor());
+    PlanPtr fwd = make_plan(NG_OP_FORWARD, k.t, p);
+    PlanPtr bwd = make_plan(NG_OP_BACKWARD, k.t, p);
+    EXPECT_TRUE(failed_with(k.backward(fwd.get()), NG_INVALID_ARGUMENT,
+                            {"plan", "NG_OP_FORWARD"}));
+    EXPECT_TRUE(failed_with(k.forward(bwd.get()), NG_INVALID_ARGUMENT,
+                            {"plan", "NG_OP_BACKWARD"}));
+    EXPECT_TRUE(k.untouched());
+    EXPECT_EQ(k.forward(fwd.get()), NG_OK) << ng_last_error();
+    EXPECT_EQ(k.backward(bwd.get()), NG_OK) << ng_last_error();
+}
+
+TEST(BadInput, NegativeNumBatchesTracked) {
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    p.momentum = NAN;
+    Call k(small_tensor());
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, p);
+    k.nbt = -1;
+    EXPECT_TRUE(failed_with(k.forward(plan.get()), NG_INVALID_ARGUMENT,
+                            {"num_batches_tracked", "-1"}));
+    k.nbt = 3;
+    EXPECT_TRUE(k.untouched());
+}
+
+// ---- Packages -----------------------------------------------------------------------------
+
+// A scratch copy of the real package: manifest copied (to be edited), kernel files symlinked.
+class PackageCopy {
+public:
+    PackageCopy() {
+        char tmpl[] = "/tmp/normgen-test-pkg-XXXXXX";
+        if (!mkdtemp(tmpl)) throw std::runtime_error("mkdtemp failed");
+        dir_ = tmpl;
+        for (const auto &e : fs::directory_iterator(package_dir())) {
+            const fs::path to = dir_ / e.path().filename();
+            if (e.path().filename() == "manifest.json")
+                fs::copy_file(e.path(), to);
+            else
+                fs::create_symlink(fs::absolute(e.path()), to);
+        }
+    }
+    ~PackageCopy() {
+        std::error_code ec;
+        fs::remove_all(dir_, ec);
+    }
+    std::string dir() const { return dir_.string(); }
+    std::string manifest_path() const { return (dir_ / "manifest.json").string(); }
+    nlohmann::json manifest() const {
+        std::ifstream in(manifest_path());
+        return nlohmann::json::parse(in);
+    }
+    void write(const std::string &file, const std::string &text) const {
+        fs::remove(dir_ / file);
+        std::ofstream(dir_ / file) << text;
+    }
+    void write_manifest(const nlohmann::json &m) const { write("manifest.json", m.dump(2)); }
+    void remove(const std::string &file) const { fs::remove(dir_ / file); }
+
+private:
+    fs::path dir_;
+};
+
+// Opens dir; a package error must surface at open (Package::open validates everything it can
+// load) with the given words named.
+::testing::AssertionResult open_fails(const std::string &dir, ng_status want,
+                                      const std::vector<std::string> &words) {
+    ng_runtime *rt = reinterpret_cast<ng_runtime *>(uintptr_t(0x1));
+    const ng_status st = ng_runtime_open(dir.c_str(), &rt);
+    if (st == NG_OK) {
+        ng_runtime_close(rt);
+        return ::testing::AssertionFailure() << "ng_runtime_open succeeded";
+    }
+    if (rt != nullptr)
+        return ::testing::AssertionFailure() << "failed open left *out_runtime non-NULL";
+    return failed_with(st, want, words);
+}
+
+std::string kernel_file_of(const std::string &isa) { return "libkernels_x86-64-" + isa + ".so"; }
+
+TEST(Package, CopyOpensAndRuns) {
+    PackageCopy pkg;
+    ng_runtime *raw = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
+    RuntimePtr rt(raw);
+    EXPECT_TRUE(contains(ng_runtime_describe(rt.get()), pkg.dir()));
+    Call k(small_tensor());
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt.get());
+    EXPECT_EQ(k.forward(plan.get()), NG_OK) << ng_last_error();
+}
+
+TEST(Package, MissingFolder) {
+    const std::string dir = "/nonexistent/normgen-package-xyz";
+    EXPECT_TRUE(open_fails(dir, NG_PACKAGE_ERROR, {dir}));
+    PackageCopy pkg;
+    pkg.remove("manifest.json");
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {pkg.manifest_path()}));
+    // A file where a folder should be.
+    EXPECT_TRUE(open_fails(pkg.dir() + "/" + kernel_file_of("sse41"), NG_PACKAGE_ERROR,
+                           {kernel_file_of("sse41")}));
+}
+
+TEST(Package, CorruptManifest) {
+    PackageCopy pkg;
+    pkg.write("manifest.json", "this is not JSON {");
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {pkg.manifest_path(), "JSON"}));
+    pkg.write("manifest.json", "");
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {pkg.manifest_path()}));
+    pkg.write("manifest.json", "[1, 2, 3]");
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {pkg.manifest_path()}));
+}
+
+TEST(Package, TruncatedManifest) {
+    PackageCopy pkg;
+    std::ifstream in(package_dir() + "/manifest.json");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (size_t cut : {text.size() / 2, text.size() - 3, size_t(10)}) {
+        pkg.write("manifest.json", text.substr(0, cut));
+        EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {pkg.manifest_path()}))
+            << "cut at " << cut;
+    }
+}
+
+TEST(Package, WrongAbiVersion) {
+    PackageCopy pkg;
+    nlohmann::json m = pkg.manifest();
+    m["abi_version"] = NG_ABI_VERSION + 1;
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR,
+                           {"abi_version", std::to_string(NG_ABI_VERSION + 1)}));
+    m["abi_version"] = "1";
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"abi_version"}));
+    m.erase("abi_version");
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"abi_version"}));
+}
+
+TEST(Package, KernelEntryMissingAField) {
+    PackageCopy pkg;
+    for (const char *field : {"symbol", "file", "op", "shape", "features"}) {
+        nlohmann::json m = manifest();  // the real one, each time
+        const std::string name = m["kernels"][0]["name"];
+        m["kernels"][0].erase(field);
+        pkg.write_manifest(m);
+        EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {name, field})) << field;
+    }
+    nlohmann::json m = manifest();
+    m["kernels"][0]["shape"] = {{"kind", "exact"}, {"n", 2}, {"c", -1}, {"s", 3}};
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"shape"}));
+}
+
+TEST(Package, MissingKernelFile) {
+    PackageCopy pkg;
+    const std::string file = kernel_file_of(best_isa());
+    pkg.remove(file);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {file}));
+    // A kernel file that is not a shared object.
+    pkg.write(file, "not an ELF file");
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {file}));
+    // A file name that escapes the package folder.
+    nlohmann::json m = pkg.manifest();
+    m["kernels"][0]["file"] = "../" + file;
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"../" + file}));
+}
+
+TEST(Package, MissingSymbol) {
+    PackageCopy pkg;
+    nlohmann::json m = pkg.manifest();
+    m["kernels"][3]["symbol"] = "bn_no_such_symbol";
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"bn_no_such_symbol"}));
+}
+
+// A package without a kernel for the request: the plan says NG_NO_KERNEL.
+TEST(Package, NoKernelForTheRequest) {
+    PackageCopy pkg;
+    nlohmann::json m = pkg.manifest();
+    nlohmann::json kept = nlohmann::json::array();
+    for (const auto &k : m["kernels"])
+        if (k["op"] != "backward") kept.push_back(k);
+    m["kernels"] = kept;
+    pkg.write_manifest(m);
+    ng_runtime *raw = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
+    RuntimePtr rt(raw);
+    const ng_tensor t = small_tensor();
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    ng_plan *plan = nullptr;
+    EXPECT_TRUE(failed_with(ng_plan_create(rt.get(), NG_OP_BACKWARD, &t, &p, &plan), NG_NO_KERNEL,
+                            {"backward"}));
+    EXPECT_EQ(plan, nullptr);
+}
+
+TEST(Package, NormgenPackageEnvironment) {
+    PackageCopy pkg;
+    {
+        ScopedEnv env("NORMGEN_PACKAGE", pkg.dir().c_str());
+        ng_runtime *raw = nullptr;
+        ASSERT_EQ(ng_runtime_open(nullptr, &raw), NG_OK) << ng_last_error();
+        RuntimePtr rt(raw);
+        EXPECT_TRUE(contains(ng_runtime_describe(rt.get()), pkg.dir()))
+            << ng_runtime_describe(rt.get());
+        // An explicit folder wins over the environment.
+        pkg.write("manifest.json", "broken");
+        ASSERT_EQ(ng_runtime_open(package_dir().c_str(), &raw), NG_OK) << ng_last_error();
+        RuntimePtr explicit_rt(raw);
+    }
+    {
+        ScopedEnv env("NORMGEN_PACKAGE", pkg.dir().c_str());  // manifest now broken
+        ng_runtime *rt = nullptr;
+        EXPECT_TRUE(failed_with(ng_runtime_open(nullptr, &rt), NG_PACKAGE_ERROR,
+                                {pkg.manifest_path()}));
+    }
+    {
+        ScopedEnv env("NORMGEN_PACKAGE", "/nonexistent/env-package");
+        ng_runtime *rt = nullptr;
+        EXPECT_TRUE(failed_with(ng_runtime_open(nullptr, &rt), NG_PACKAGE_ERROR,
+                                {"/nonexistent/env-package"}));
+    }
+}
+
+TEST(Package, UnknownNormgenIsa) {
+    for (const char *bad : {"avx9000", "AVX2", "sse2"}) {
+        ScopedEnv env("NORMGEN_ISA", bad);
+        ng_runtime *rt = nullptr;
+        EXPECT_TRUE(failed_with(ng_runtime_open(package_dir().c_str(), &rt), NG_INVALID_ARGUMENT,
+                                {"NORMGEN_ISA", bad}));
+        EXPECT_EQ(rt, nullptr);
+    }
+}
+
+// ---- Registry: what plans choose, and why --------------------------------------------------
+
+bool has_kernel(const std::string &name) {
+    for (const auto &k : manifest().at("kernels"))
+        if (k.at("name") == name) return true;
+    return false;
+}
+
+TEST(Registry, RuntimeDescribeListsEveryKernel) {
+    const std::string d = ng_runtime_describe(best_runtime());
+    EXPECT_TRUE(contains(d, package_dir())) << d.substr(0, 300);
+    size_t n = 0;
+    for (const auto &k : manifest().at("kernels")) {
+        n++;
+        EXPECT_TRUE(names(d, k.at("name").get<std::string>())) << k.at("name");
+    }
+    EXPECT_GT(n, 0u);
+}
+
+// A ResNet-50 shape gets its exact kernel (at the ISA it was specialised for); the same
+// (N, C, S) given as a 3-D tensor too; a shape not in the list gets the generic kernel.
+TEST(Registry, ExactShapeBeforeGeneric) {
+    const std::string isa = "avx512";
+    if (!cpu_supports(isa)) GTEST_SKIP() << "exact kernels are built for avx512";
+    ng_runtime *rt = runtime_for_isa(isa);
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    struct Want {
+        std::vector<int64_t> shape;
+        ng_memory_format fmt;
+        ng_op op;
+        int training;
+        std::string kernel;
+    };
+    const std::vector<Want> wants = {
+        {{32, 64, 56, 56}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_contig_avx512_n32_c64_s3136"},
+        {{32, 64, 3136}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_contig_avx512_n32_c64_s3136"},
+        {{32, 256, 14, 14}, NG_CHANNELS_LAST, NG_OP_BACKWARD, 1, "bn_bwd_train_f32_cl_avx512_n32_c256_s196"},
+        {{32, 2048, 7, 7}, NG_CONTIGUOUS, NG_OP_FORWARD, 0, "bn_fwd_infer_f32_contig_avx512_n32_c2048_s49"},
+        {{32, 512, 7, 7}, NG_CHANNELS_LAST, NG_OP_BACKWARD, 0, "bn_bwd_eval_f32_cl_avx512_n32_c512_s49"},
+        // BatchNorm1d (N, C): contiguous, served by the channels-last kernel.
+        {{4096, 1024}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_cl_avx512_n4096_c1024_s1"},
+        // Near misses: generic.
+        {{32, 64, 56, 55}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_contig_avx512"},
+        {{31, 64, 56, 56}, NG_CHANNELS_LAST, NG_OP_FORWARD, 1, "bn_fwd_train_f32_cl_avx512"},
+        {{32, 63, 56, 56}, NG_CONTIGUOUS, NG_OP_BACKWARD, 1, "bn_bwd_train_f32_contig_avx512"},
+    };
+    for (const Want &w : wants) {
+        const ng_tensor t = make_tensor(w.shape, w.fmt);
+        SCOPED_TRACE(shape_string(t));
+        if (contains(w.kernel, "_n") && !has_kernel(w.kernel))
+            GTEST_FAIL() << "the package lacks " << w.kernel << " (shapes/resnet50_b32.txt)";
+        p.training = w.training;
+        PlanPtr plan = make_plan(w.op, t, p, rt);
+        ASSERT_TRUE(plan);
+        EXPECT_EQ(chosen_kernel(plan.get()), w.kernel) << ng_plan_describe(plan.get());
+        const std::string d = ng_plan_describe(plan.get());
+        EXPECT_TRUE(names(d, contains(w.kernel, "_n") ? "exact" : "generic")) << d;
+    }
+}
+
+// NORMGEN_ISA caps the level: a ResNet shape then runs the capped ISA's generic kernel, and the
+// description says why the better kernels were passed over.
+TEST(Registry, IsaCapIsRespected) {
+    const ng_tensor t = make_tensor({32, 64, 56, 56}, NG_CONTIGUOUS);
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    for (const auto &isa : isa_levels()) {
+        if (!cpu_supports(isa)) continue;
+        SCOPED_TRACE(isa);
+        PlanPtr plan = make_plan(NG_OP_FORWARD, t, p, runtime_for_isa(isa));
+        ASSERT_TRUE(plan);
+        EXPECT_EQ(chosen_kernel(plan.get()), expected_kernel(Family::FwdTrain, t, isa));
+        const std::string d = ng_plan_describe(plan.get());
+        if (isa != "avx512" && cpu_supports("avx512")) {
+            EXPECT_TRUE(contains(d, "NORMGEN_ISA=" + isa)) << d;
+            EXPECT_TRUE(contains(d, "bn_fwd_train_f32_contig_avx512_n32_c64_s3136")) << d;
+        }
+    }
+    // Without a cap: the best level this CPU has.
+    ScopedEnv no_cap("NORMGEN_ISA", nullptr);
+    ng_runtime *raw = nullptr;
+    ASSERT_EQ(ng_runtime_open(nullptr, &raw), NG_OK) << ng_last_error();
+    RuntimePtr rt(raw);
+    PlanPtr plan = make_plan(NG_OP_FORWARD, t, p, rt.get());
+    EXPECT_EQ(chosen_kernel(plan.get()), expected_kernel(Family::FwdTrain, t, best_isa()));
+}
+
+// The statistics a plan uses follow PyTorch: batch statistics in training and in eval without
+// running stats, running statistics in eval with them.
+TEST(Registry, StatisticsFollowMode) {
+    const ng_tensor t = make_tensor({2, 3, 5}, NG_CONTIGUOUS);
+    const std::string isa = best_isa();
+    for (int training : {1, 0})
+        for (int track : {1, 0})
+            for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
+                ng_batch_norm_params p = ng_batch_norm_params_default();
+                p.training = training;
+                p.track_running_stats = track;
+                const bool batch = training || !track;
+                const Family f = op == NG_OP_FORWARD
+                                     ? (batch ? Family::FwdTrain : Family::FwdInfer)
+                                     : (batch ? Family::BwdTrain : Family::BwdEval);
+                PlanPtr plan = make_plan(op, t, p);
+                EXPECT_EQ(chosen_kernel(plan.get()), expected_kernel(f, t, isa))
+                    << "training " << training << " track " << track;
+            }
+}
+
+// ---- Buffer safety ------------------------------------------------------------------------
+
+// n floats placed against an inaccessible page: right after it (guard_before) or ending right
+// at it. Any access outside the buffer on that side faults and kills the test.
+class GuardPage {
+public:
+    GuardPage(int64_t n, bool guard_before) : n_(n) {
+        page_ = size_t(sysconf(_SC_PAGESIZE));
+        const size_t bytes = size_t(n) * sizeof(float);
+        const size_t data_pages = (bytes + page_ - 1) / page_ + 1;
+        size_ = (data_pages + 2) * page_;
+        void *m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw std::runtime_error("mmap failed");
+        base_ = static_cast<char *>(m);
+        mprotect(base_, page_, PROT_NONE);
+        mprotect(base_ + size_ - page_, page_, PROT_NONE);
+        data_ = reinterpret_cast<float *>(guard_before ? base_ + page_
+                                                       : base_ + size_ - page_ - bytes);
+    }
+    ~GuardPage() { munmap(base_, size_); }
+    GuardPage(const GuardPage &) = delete;
+    GuardPage &operator=(const GuardPage &) = delete;
+    float *data() { return data_; }
+
+private:
+    int64_t n_;
+    size_t page_ = 0, size_ = 0;
+    char *base_ = nullptr;
+    float *data_ = nullptr;
+};
+
+// Every family at every ISA, with every tensor and per-channel buffer against a guard page on
+// one side, then the other. Odd extents make vector tails; a kernel reading or writing a full
+// vector past an end would fault.
+TEST(BufferSafety, GuardPagesAroundEveryBuffer) {
+    const std::vector<std::vector<int64_t>> shapes = {{3, 5, 7}, {2, 19, 3, 3}, {5, 17}, {1, 3, 17},
+                                                      {2, 33, 1, 1}};
+    int runs = 0;
+    for (const auto &isa : isa_levels()) {
+        if (!cpu_supports(isa)) continue;
+        ng_runtime *rt = runtime_for_isa(isa);
+        for (const auto &shape : shapes)
+            for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                for (bool before : {false, true})
+                    for (int training : {1, 0}) {
+                        const ng_tensor t = make_tensor(shape, fmt);
+                        SCOPED_TRACE(isa + " " + shape_string(t) + (training ? " train" : " eval"));
+                        const ref::View v = view_of(t);
+                        GuardPage x(v.size(), before), y(v.size(), before),
+                            dy(v.size(), before), dx(v.size(), before);
+                        GuardPage w(v.c, before), b(v.c, before), rm(v.c, before),
+                            rv(v.c, before), sm(v.c, before), si(v.c, before), dw(v.c, before),
+                            db(v.c, before);
+                        for (int64_t i = 0; i < v.size(); i++) {
+                            x.data()[i] = float(i % 7) - 3.0f;
+                            dy.data()[i] = float(i % 5) - 2.0f;
+                        }
+                        for (int64_t c = 0; c < v.c; c++) {
+                            w.data()[c] = 1.0f, b.data()[c] = 0.0f;
+                            rm.data()[c] = 0.0f, rv.data()[c] = 1.0f;
+                        }
+                        ng_batch_norm_params p = ng_batch_norm_params_default();
+                        p.training = training;
+                        int64_t nbt = 0;
+                        PlanPtr fwd = make_plan(NG_OP_FORWARD, t, p, rt);
+                        PlanPtr bwd = make_plan(NG_OP_BACKWARD, t, p, rt);
+                        ASSERT_TRUE(fwd && bwd);
+                        ASSERT_EQ(ng_batch_norm_forward(fwd.get(), x.data(), nullptr, y.data(),
+                                                        w.data(), b.data(), rm.data(), rv.data(),
+                                                        &nbt, sm.data(), si.data()),
+                                  NG_OK)
+                            << ng_last_error();
+                        ASSERT_EQ(ng_batch_norm_backward(bwd.get(), x.data(), dy.data(), nullptr,
+                                                         w.data(), nullptr, rm.data(), rv.data(),
+                                                         sm.data(), si.data(), dx.data(),
+                                                         dw.data(), db.data(), nullptr),
+                                  NG_OK)
+                            << ng_last_error();
+                        runs++;
+                    }
+    }
+    EXPECT_GT(runs, 0);
+}
+
+// Canaries around every output of every op, and inputs left as they were; including the
+// optional outputs left NULL (their scratch must not spill into the caller's buffers).
+TEST(BufferSafety, CanariesAfterEveryOp) {
+    for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+        for (int training : {1, 0})
+            for (int affine : {1, 0}) {
+                Call k(make_tensor({3, 21, 5, 3}, fmt));
+                SCOPED_TRACE(shape_string(k.t) + (training ? " train" : " eval") +
+                             (affine ? " affine" : " no affine"));
+                ng_batch_norm_params p = ng_batch_norm_params_default();
+                p.training = training;
+                p.affine = affine;
+                const std::vector<float> x0 = k.x.vec(), dy0 = k.dy.vec(), w0 = k.weight.vec();
+                PlanPtr fwd = make_plan(NG_OP_FORWARD, k.t, p);
+                PlanPtr bwd = make_plan(NG_OP_BACKWARD, k.t, p);
+                ASSERT_EQ(k.forward(fwd.get()), NG_OK) << ng_last_error();
+                ASSERT_EQ(k.backward(bwd.get()), NG_OK) << ng_last_error();
+                ASSERT_EQ(ng_batch_norm_forward(fwd.get(), k.x.data(), nullptr, k.y.data(),
+                                                k.weight.data(), k.bias.data(), k.rm.data(),
+                                                k.rv.data(), &k.nbt, nullptr, nullptr),
+                          NG_OK)
+                    << ng_last_error();
+                for (const Guarded *g : {&k.x, &k.dy, &k.y, &k.dx, &k.weight, &k.bias, &k.rm,
+                                         &k.rv, &k.save_mean, &k.save_invstd, &k.dweight,
+                                         &k.dbias, &k.z, &k.dz})
+                    EXPECT_TRUE(g->check_canaries("buffer"));
+                EXPECT_EQ(k.x.vec(), x0);
+                EXPECT_EQ(k.dy.vec(), dy0);
+                EXPECT_EQ(k.weight.vec(), w0);
+                if (!affine) {
+                    // No parameter gradients without affine: the caller's buffers stay as given.
+                    for (int64_t c = 0; c < k.v.c; c++) {
+                        EXPECT_EQ(k.dweight[c], -123.0f);
+                        EXPECT_EQ(k.dbias[c], -123.0f);
+                    }
+                }
+            }
+}
+
+// ---- Threads ------------------------------------------------------------------------------
+
+// Separate plans run concurrently on separate threads and give the single-threaded results.
+TEST(Threads, SeparatePlansRunConcurrently) {
+    const ng_tensor t = make_tensor({4, 24, 9, 9}, NG_CHANNELS_LAST);
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call serial(t);
+    PlanPtr plan = make_plan(NG_OP_FORWARD, t, p);
+    ASSERT_EQ(serial.forward(plan.get()), NG_OK);
+    std::vector<std::unique_ptr<Call>> calls;
+    for (int i = 0; i < 4; i++) calls.push_back(std::make_unique<Call>(t));
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (auto &c : calls)
+        threads.emplace_back([&, call = c.get()] {
+            ng_plan *raw = nullptr;
+            if (ng_plan_create(best_runtime(), NG_OP_FORWARD, &t, &p, &raw) != NG_OK) {
+                failures++;
+                return;
+            }
+            PlanPtr mine(raw);
+            for (int r = 0; r < 20; r++) {
+                if (call->forward(mine.get()) != NG_OK) failures++;
+            }
+        });
+    for (auto &th : threads) th.join();
+    EXPECT_EQ(failures.load(), 0);
+    for (auto &c : calls) EXPECT_EQ(c->y.vec(), serial.y.vec());
+}
+
+// A host's own parallel-for replaces OpenMP; NULL restores the default.
+TEST(Threads, HostParallelFor) {
+    struct Host {
+        std::atomic<int> calls{0}, tasks{0};
+    } host;
+    auto serial_for = [](void *ctx, int count, ng_task_fn task, void *task_ctx) -> int {
+        auto *h = static_cast<Host *>(ctx);
+        h->calls++;
+        int failed = 0;
+        for (int i = 0; i < count; i++) {
+            h->tasks++;
+            if (task(task_ctx, i)) failed = 1;
+        }
+        return failed;
+    };
+    const ng_tensor t = make_tensor({8, 40, 23, 23}, NG_CONTIGUOUS);
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    Call a(t), b(t);
+    PlanPtr plan = make_plan(NG_OP_FORWARD, t, p);
+    ng_set_parallel_for(serial_for, &host);
+    const ng_status st = a.forward(plan.get());
+    ng_set_parallel_for(nullptr, nullptr);
+    ASSERT_EQ(st, NG_OK) << ng_last_error();
+    EXPECT_GT(host.calls.load(), 0);
+    EXPECT_GT(host.tasks.load(), 1);
+    const int calls = host.calls.load();
+    ASSERT_EQ(b.forward(plan.get()), NG_OK);
+    EXPECT_EQ(host.calls.load(), calls) << "NULL did not restore the default";
+    EXPECT_EQ(a.y.vec(), b.y.vec());
+}
+
+// ---- The C++ wrapper ----------------------------------------------------------------------
+
+TEST(CppWrapper, ThrowsWithStatusAndRuns) {
+    try {
+        normgen::Runtime rt("/nonexistent/pkg");
+        FAIL() << "no exception";
+    } catch (const normgen::Error &e) {
+        EXPECT_EQ(e.status(), NG_PACKAGE_ERROR);
+        EXPECT_TRUE(contains(e.what(), "/nonexistent/pkg")) << e.what();
+    }
+    normgen::Runtime rt(package_dir().c_str());
+    Call k(small_tensor());
+    normgen::Plan plan(rt, NG_OP_FORWARD, normgen::tensor({4, 3, 5}),
+                       ng_batch_norm_params_default());
+    plan.forward(k.x.data(), k.y.data(), k.weight.data(), k.bias.data(), k.rm.data(), k.rv.data(),
+                 &k.nbt);
+    EXPECT_EQ(k.nbt, 4);
+    EXPECT_THROW(normgen::Plan(rt, NG_OP_FORWARD, normgen::tensor({1, 3}),
+                               ng_batch_norm_params_default()),
+                 normgen::Error);
+}
+
+}  // namespace
+}  // namespace normgen::test

@@ -1,0 +1,338 @@
+#include "test_support.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#ifndef NORMGEN_TEST_PACKAGE_DIR
+#error "NORMGEN_TEST_PACKAGE_DIR must name the package folder the build writes"
+#endif
+
+namespace normgen::test {
+
+std::string package_dir() { return NORMGEN_TEST_PACKAGE_DIR; }
+
+const nlohmann::json &manifest() {
+    static const nlohmann::json m = [] {
+        std::ifstream in(package_dir() + "/manifest.json");
+        if (!in) throw std::runtime_error("cannot read " + package_dir() + "/manifest.json");
+        return nlohmann::json::parse(in);
+    }();
+    return m;
+}
+
+const std::vector<std::string> &isa_levels() {
+    static const std::vector<std::string> levels = {"sse41", "avx2", "avx512"};
+    return levels;
+}
+
+bool cpu_supports(const std::string &isa) {
+    __builtin_cpu_init();
+    if (isa == "sse41") return __builtin_cpu_supports("sse4.1");
+    if (isa == "avx2")
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("avx");
+    if (isa == "avx512")  // Halide's avx512_skylake: F, CD, BW, DQ, VL
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl") && cpu_supports("avx2");
+    return false;
+}
+
+std::string best_isa() {
+    std::string best;
+    for (const auto &isa : isa_levels())
+        if (cpu_supports(isa)) best = isa;
+    return best;
+}
+
+ScopedEnv::ScopedEnv(const char *name, const char *value) : name_(name) {
+    if (const char *old = std::getenv(name)) old_ = old;
+    if (value)
+        setenv(name, value, 1);
+    else
+        unsetenv(name);
+}
+
+ScopedEnv::~ScopedEnv() {
+    if (old_)
+        setenv(name_.c_str(), old_->c_str(), 1);
+    else
+        unsetenv(name_.c_str());
+}
+
+ng_runtime *runtime_for_isa(const std::string &isa) {
+    static std::map<std::string, RuntimePtr> runtimes;
+    static std::mutex mutex;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = runtimes.find(isa);
+    if (it != runtimes.end()) return it->second.get();
+    ScopedEnv cap("NORMGEN_ISA", isa.c_str());
+    ScopedEnv package("NORMGEN_PACKAGE", nullptr);  // the package beside libnormgen
+    ng_runtime *rt = nullptr;
+    const ng_status st = ng_runtime_open(nullptr, &rt);
+    if (st != NG_OK || !rt) {
+        ADD_FAILURE() << "ng_runtime_open(NULL) with NORMGEN_ISA=" << isa << ": "
+                      << ng_status_name(st) << ": " << ng_last_error();
+        return nullptr;
+    }
+    runtimes[isa].reset(rt);
+    return rt;
+}
+
+std::string chosen_kernel(const ng_plan *plan) {
+    const char *d = ng_plan_describe(plan);
+    if (!d) return "<ng_plan_describe returned NULL>";
+    std::string s(d);
+    return s.substr(0, s.find_first_of(" \t\n:,;("));
+}
+
+ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format) {
+    ng_tensor t{};
+    t.ndim = int32_t(shape.size());
+    for (size_t i = 0; i < shape.size() && i < 5; i++) t.shape[i] = shape[i];
+    t.format = format;
+    t.dtype = NG_F32;
+    t.device = NG_CPU;
+    return t;
+}
+
+ref::View view_of(const ng_tensor &t) {
+    ref::View v;
+    v.n = t.shape[0];
+    v.c = t.shape[1];
+    v.s = 1;
+    for (int d = 2; d < t.ndim; d++) v.s *= t.shape[d];
+    v.channels_last = t.format == NG_CHANNELS_LAST;
+    return v;
+}
+
+std::string shape_string(const ng_tensor &t) {
+    std::string s;
+    for (int d = 0; d < t.ndim; d++) s += (d ? "x" : "") + std::to_string(t.shape[d]);
+    return s + (t.format == NG_CHANNELS_LAST ? " cl" : " contig");
+}
+
+const char *family_name(Family f) {
+    switch (f) {
+    case Family::FwdTrain: return "bn_fwd_train";
+    case Family::FwdInfer: return "bn_fwd_infer";
+    case Family::BwdTrain: return "bn_bwd_train";
+    case Family::BwdEval: return "bn_bwd_eval";
+    }
+    return "?";
+}
+
+ng_op family_op(Family f) {
+    return f == Family::FwdTrain || f == Family::FwdInfer ? NG_OP_FORWARD : NG_OP_BACKWARD;
+}
+
+bool family_training(Family f) { return f == Family::FwdTrain || f == Family::BwdTrain; }
+
+std::string kernel_layout(const ng_tensor &t) {
+    const ref::View v = view_of(t);
+    return t.format == NG_CHANNELS_LAST || v.s == 1 ? "cl" : "contig";
+}
+
+std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa) {
+    const ref::View v = view_of(t);
+    const std::string generic =
+        std::string(family_name(f)) + "_f32_" + kernel_layout(t) + "_" + isa;
+    const std::string exact = generic + "_n" + std::to_string(v.n) + "_c" + std::to_string(v.c) +
+                              "_s" + std::to_string(v.s);
+    for (const auto &k : manifest().at("kernels"))
+        if (k.at("name") == exact) return exact;
+    return generic;
+}
+
+uint64_t Rng::next() {
+    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+double Rng::uniform(double lo, double hi) {
+    return lo + (hi - lo) * double(next() >> 11) * 0x1.0p-53;
+}
+
+double Rng::normal() {
+    const double u1 = (double(next() >> 11) + 0.5) * 0x1.0p-53;
+    const double u2 = double(next() >> 11) * 0x1.0p-53;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+namespace {
+constexpr uint32_t kCanaryBits = 0x7FA0C0DEu;  // a signalling NaN nobody computes
+}
+
+Guarded::Guarded(int64_t n) : n_(n), buf_(size_t(n + 2 * kCanary)) {
+    for (int64_t i = 0; i < kCanary; i++) {
+        std::memcpy(&buf_[size_t(i)], &kCanaryBits, 4);
+        std::memcpy(&buf_[size_t(n + kCanary + i)], &kCanaryBits, 4);
+    }
+}
+
+void Guarded::fill(float v) { std::fill(data(), data() + n_, v); }
+
+void Guarded::copy_from(const std::vector<float> &v) {
+    if (int64_t(v.size()) != n_) throw std::logic_error("Guarded::copy_from: size mismatch");
+    std::copy(v.begin(), v.end(), data());
+}
+
+::testing::AssertionResult Guarded::check_canaries(const std::string &what) const {
+    for (int64_t i = 0; i < kCanary; i++) {
+        uint32_t before, after;
+        std::memcpy(&before, &buf_[size_t(i)], 4);
+        std::memcpy(&after, &buf_[size_t(n_ + kCanary + i)], 4);
+        if (before != kCanaryBits)
+            return ::testing::AssertionFailure()
+                   << what << ": written " << (kCanary - i) << " floats before its start";
+        if (after != kCanaryBits)
+            return ::testing::AssertionFailure()
+                   << what << ": written " << i << " floats after its end (" << n_
+                   << " elements)";
+    }
+    return ::testing::AssertionSuccess();
+}
+
+void fill_tensor(const ref::View &v, float *x, Rng &rng, const std::vector<double> &mean,
+                 const std::vector<double> &scale) {
+    v.for_each([&](int64_t c, int64_t i) { x[i] = float(mean[c] + scale[c] * rng.uniform(-1, 1)); });
+}
+
+std::vector<float> uniform_vector(int64_t n, Rng &rng, double lo, double hi) {
+    std::vector<float> out(static_cast<size_t>(n));
+    for (auto &e : out) e = float(rng.uniform(lo, hi));
+    return out;
+}
+
+namespace {
+std::mutex report_mutex;
+std::map<std::string, double> &worst_errors() {
+    static std::map<std::string, double> m;
+    return m;
+}
+}  // namespace
+
+void record_error(const std::string &what, double e) {
+    std::lock_guard<std::mutex> lock(report_mutex);
+    double &w = worst_errors()[what];
+    if (!(e <= w)) w = e;  // NaN sticks
+}
+
+void print_error_report() {
+    const char *env = std::getenv("NORMGEN_TEST_REPORT");
+    if (!env || std::string(env) != "1") return;
+    std::lock_guard<std::mutex> lock(report_mutex);
+    std::printf("worst errors seen (normalised as each comparison states):\n");
+    for (const auto &[what, e] : worst_errors()) std::printf("  %-40s %.3g\n", what.c_str(), e);
+}
+
+::testing::AssertionResult tensor_near(const std::string &what, const float *got,
+                                       const std::vector<double> &want, const ref::View &v,
+                                       double tol, const std::vector<double> &min_scale) {
+    std::vector<double> scale = min_scale;
+    scale.resize(size_t(v.c), 0.0);
+    v.for_each([&](int64_t c, int64_t i) { scale[c] = std::max(scale[c], std::fabs(want[i])); });
+    for (auto &s : scale)
+        if (s == 0) s = 1;
+    double worst = 0;
+    int64_t bad = 0, first_bad = -1;
+    int64_t first_c = -1;
+    v.for_each([&](int64_t c, int64_t i) {
+        const double e = std::fabs(double(got[i]) - want[i]) / scale[c];
+        if (!(e <= tol)) {  // NaN fails
+            if (bad++ == 0) first_bad = i, first_c = c;
+        }
+        if (!(e <= worst)) worst = e;
+    });
+    // Report the category (y, dx, ...) without the shape so the report stays short.
+    record_error(what.substr(0, what.find(' ')), worst);
+    if (bad == 0) return ::testing::AssertionSuccess();
+    // Recover (n, s) of the first bad element for the message.
+    const int64_t i = first_bad, c = first_c;
+    const int64_t n = i / (v.c * v.s);
+    const int64_t s = v.channels_last ? (i % (v.c * v.s)) / v.c : i % v.s;
+    return ::testing::AssertionFailure()
+           << what << ": " << bad << " of " << v.size() << " elements off by more than " << tol
+           << " x channel magnitude; worst " << worst << "; first at (n=" << n << ", c=" << c
+           << ", s=" << s << "): got " << got[i] << ", want " << want[i] << " (channel scale "
+           << scale[c] << ")";
+}
+
+std::vector<double> gradient_scale(const ref::View &v, const float *dy, const float *weight,
+                                   const std::vector<double> &invstd) {
+    std::vector<double> scale(size_t(v.c), 0.0);
+    v.for_each([&](int64_t c, int64_t i) { scale[c] = std::max(scale[c], double(std::fabs(dy[i]))); });
+    for (int64_t c = 0; c < v.c; c++) scale[c] *= invstd[c] * (weight ? std::fabs(weight[c]) : 1.0);
+    return scale;
+}
+
+::testing::AssertionResult channels_within_ulps(const std::string &what, const float *got,
+                                                const std::vector<double> &want,
+                                                double max_ulps) {
+    double worst = 0;
+    std::ostringstream failures;
+    int bad = 0;
+    for (size_t c = 0; c < want.size(); c++) {
+        const float w = float(want[c]);
+        const double ulp = double(std::nextafter(std::fabs(w), INFINITY)) - std::fabs(w);
+        const double e = std::fabs(double(got[c]) - want[c]) / ulp;
+        if (!(e <= worst)) worst = e;
+        if (!(e <= max_ulps) && bad++ < 5)
+            failures << "\n  c=" << c << ": got " << got[c] << ", want " << want[c] << " (" << e
+                     << " ulps)";
+    }
+    record_error(what.substr(0, what.find(' ')) + " [ulps]", worst);
+    if (bad == 0) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << what << ": " << bad << " of " << want.size()
+                                         << " channels beyond " << max_ulps << " ulps"
+                                         << failures.str();
+}
+
+::testing::AssertionResult channels_near(const std::string &what, const float *got,
+                                         const std::vector<double> &want, double rtol,
+                                         const std::vector<double> &scale) {
+    double worst = 0;
+    std::ostringstream failures;
+    int bad = 0;
+    for (size_t c = 0; c < want.size(); c++) {
+        double s = scale.empty() ? std::fabs(want[c]) : scale[c];
+        if (s == 0) s = 1e-30;
+        const double e = std::fabs(double(got[c]) - want[c]) / s;
+        if (!(e <= worst)) worst = e;
+        if (!(e <= rtol) && bad++ < 5)
+            failures << "\n  c=" << c << ": got " << got[c] << ", want " << want[c]
+                     << " (relative error " << e << ")";
+    }
+    record_error(what.substr(0, what.find(' ')), worst);
+    if (bad == 0) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << what << ": " << bad << " of " << want.size()
+                                         << " channels beyond relative " << rtol
+                                         << failures.str();
+}
+
+bool names(const std::string &message, const std::string &word) {
+    auto lower = [](std::string s) {
+        for (auto &ch : s) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+        return s;
+    };
+    const std::string m = lower(message), w = lower(word);
+    auto is_word = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; };
+    for (size_t pos = m.find(w); pos != std::string::npos; pos = m.find(w, pos + 1)) {
+        const bool left = pos == 0 || !is_word(m[pos - 1]) || !is_word(w.front());
+        const size_t end = pos + w.size();
+        const bool right = end == m.size() || !is_word(m[end]) || !is_word(w.back());
+        if (left && right) return true;
+    }
+    return false;
+}
+
+}  // namespace normgen::test

@@ -1,0 +1,151 @@
+// What the test executables share: the package the build made, runtimes capped at each ISA
+// level, deterministic data, buffers with canaries, and comparisons against the reference.
+#pragma once
+
+#include "reference.h"
+
+#include <normgen/normgen.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace normgen::test {
+
+// ---- The package and the runtime ----------------------------------------------------------
+
+// The package folder the build wrote (lib/normgen-package beside libnormgen).
+std::string package_dir();
+// Its manifest.json, parsed (throws if unreadable: every test needs it).
+const nlohmann::json &manifest();
+
+// x86 ISA levels of the package, baseline first, and whether this CPU can run each.
+const std::vector<std::string> &isa_levels();
+bool cpu_supports(const std::string &isa);
+std::string best_isa();
+
+// Sets an environment variable for the scope (unsets it for a null value), restoring it after.
+class ScopedEnv {
+public:
+    ScopedEnv(const char *name, const char *value);
+    ~ScopedEnv();
+    ScopedEnv(const ScopedEnv &) = delete;
+    ScopedEnv &operator=(const ScopedEnv &) = delete;
+
+private:
+    std::string name_;
+    std::optional<std::string> old_;
+};
+
+// The default package opened with NORMGEN_ISA=isa, once per process (closed at exit).
+// Returns null and records a test failure if it cannot be opened.
+ng_runtime *runtime_for_isa(const std::string &isa);
+
+struct PlanDeleter {
+    void operator()(ng_plan *p) const { ng_plan_destroy(p); }
+};
+using PlanPtr = std::unique_ptr<ng_plan, PlanDeleter>;
+struct RuntimeDeleter {
+    void operator()(ng_runtime *r) const { ng_runtime_close(r); }
+};
+using RuntimePtr = std::unique_ptr<ng_runtime, RuntimeDeleter>;
+
+// First word of ng_plan_describe: the chosen kernel's name.
+std::string chosen_kernel(const ng_plan *plan);
+
+// ---- Tensors and kernels --------------------------------------------------------------------
+
+ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format);
+ref::View view_of(const ng_tensor &t);
+std::string shape_string(const ng_tensor &t);  // e.g. "2x3x5x7 cl"
+
+enum class Family { FwdTrain, FwdInfer, BwdTrain, BwdEval };
+const char *family_name(Family f);  // bn_fwd_train, bn_fwd_infer, bn_bwd_train, bn_bwd_eval
+ng_op family_op(Family f);
+bool family_training(Family f);
+// The kernel layout the runtime must use: "cl" for channels-last, and for contiguous tensors
+// with S == 1 (their memory is channels-last); "contig" otherwise.
+std::string kernel_layout(const ng_tensor &t);
+// The kernel a plan must choose: the exact-shape kernel for (family, layout, isa, N, C, S) if
+// the manifest has one, else the generic kernel of that ISA.
+std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa);
+
+// ---- Data -------------------------------------------------------------------------------
+
+// SplitMix64: fast, deterministic, good enough for test data.
+class Rng {
+public:
+    explicit Rng(uint64_t seed) : state_(seed) {}
+    uint64_t next();
+    double uniform(double lo, double hi);  // [lo, hi)
+    double normal();                       // Box-Muller
+
+private:
+    uint64_t state_;
+};
+
+// A float buffer with canaries (signalling-NaN bit patterns) before and after its n elements:
+// check_canaries() fails if anything wrote outside [data(), data() + n).
+class Guarded {
+public:
+    static constexpr int64_t kCanary = 64;
+    explicit Guarded(int64_t n = 0);
+    float *data() { return buf_.data() + kCanary; }
+    const float *data() const { return buf_.data() + kCanary; }
+    int64_t size() const { return n_; }
+    float &operator[](int64_t i) { return data()[i]; }
+    float operator[](int64_t i) const { return data()[i]; }
+    std::vector<float> vec() const { return {data(), data() + n_}; }
+    void fill(float v);
+    void copy_from(const std::vector<float> &v);
+    ::testing::AssertionResult check_canaries(const std::string &what) const;
+
+private:
+    int64_t n_;
+    std::vector<float> buf_;
+};
+
+// Fills x with per-channel data: channel c has mean mean[c] and spread scale[c] (uniform).
+void fill_tensor(const ref::View &v, float *x, Rng &rng, const std::vector<double> &mean,
+                 const std::vector<double> &scale);
+std::vector<float> uniform_vector(int64_t n, Rng &rng, double lo, double hi);
+
+// ---- Comparisons ------------------------------------------------------------------------
+
+// |got - want| <= tol * scale_c, scale_c = max |want| over channel c, or min_scale[c] if that
+// is larger (1 if both are 0): errors are measured against the channel's own magnitude, so a
+// wrong channel is always caught. Records the worst normalised error under `what` for
+// print_error_report().
+::testing::AssertionResult tensor_near(const std::string &what, const float *got,
+                                       const std::vector<double> &want, const ref::View &v,
+                                       double tol, const std::vector<double> &min_scale = {});
+// The magnitude of the terms of dx in channel c: invstd_c * |weight_c| * max |dy| (weight null:
+// 1). dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w cancels to nearly 0 when a
+// channel has few values (with 2, xhat = +-1 and dx is O(eps)), so dx's error is measured
+// against its terms, not against its own size.
+std::vector<double> gradient_scale(const ref::View &v, const float *dy, const float *weight,
+                                   const std::vector<double> &invstd);
+// Per-channel values: |got - want| <= max_ulps * ulp(float(want)).
+::testing::AssertionResult channels_within_ulps(const std::string &what, const float *got,
+                                                const std::vector<double> &want, double max_ulps);
+// Per-channel values: |got - want| <= rtol * scale[c] (scale[c] = |want[c]| if scale is empty).
+::testing::AssertionResult channels_near(const std::string &what, const float *got,
+                                         const std::vector<double> &want, double rtol,
+                                         const std::vector<double> &scale = {});
+
+// With NORMGEN_TEST_REPORT=1 the test executables print the worst error seen per quantity at
+// exit (how the tolerances in the tests were chosen).
+void record_error(const std::string &what, double normalised_error);
+void print_error_report();
+
+// Does `message` contain `word` as a whole word (letters, digits, '_' and '.' delimit)?
+// Case-insensitive.
+bool names(const std::string &message, const std::string &word);
+
+}  // namespace normgen::test
