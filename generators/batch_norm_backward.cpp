@@ -12,13 +12,10 @@ namespace normgen {
 
 using namespace Halide;
 
-class BatchNormBackward : public Generator<BatchNormBackward> {
+class BatchNormBackward : public BatchNormGenerator<BatchNormBackward> {
 public:
     GeneratorParam<Mode> mode{"mode", Mode::Training,
                               {{"training", Mode::Training}, {"eval", Mode::Inference}}};
-    GeneratorParam<Layout> layout{"layout", Layout::Contiguous, kLayoutNames};
-    GeneratorParam<std::string> shape{"shape", "generic"};
-    GeneratorParam<std::string> tuned{"tuned", ""};
 
     Input<Buffer<float, 3>> x{"x"};
     Input<Buffer<float, 3>> dy{"dy"};
@@ -90,22 +87,11 @@ public:
         p.channel_pre = {mean, invstd};
         p.channel_outputs = {dweight, dbias};
 
-        constrain_buffers();
-        schedule_for_target(p, get_target(), training ? "bn_bwd_train" : "bn_bwd_eval", shape,
-                            tuned);
-    }
-
-private:
-    void constrain_buffers() {
-        const FixedShape fixed = parse_fixed_shape(shape);
-        constrain_tensor(x, layout, fixed);
-        constrain_tensor(dy, layout, fixed);
-        constrain_tensor(dx, layout, fixed);
-        constrain_channel_vector(weight, fixed);
-        constrain_channel_vector(dweight, fixed);
-        constrain_channel_vector(dbias, fixed);
+        std::vector<OutputImageParam> channel_vectors = {weight, dweight, dbias};
         for (auto *in : {save_mean, save_invstd, running_mean, running_var})
-            if (in) constrain_channel_vector(*in, fixed);
+            if (in) channel_vectors.push_back(*in);
+        constrain_and_schedule(p, training ? "bn_bwd_train" : "bn_bwd_eval", {x, dy, dx},
+                               channel_vectors);
     }
 };
 

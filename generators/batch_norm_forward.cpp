@@ -15,13 +15,10 @@ namespace normgen {
 
 using namespace Halide;
 
-class BatchNormForward : public Generator<BatchNormForward> {
+class BatchNormForward : public BatchNormGenerator<BatchNormForward> {
 public:
     GeneratorParam<Mode> mode{"mode", Mode::Training,
                               {{"training", Mode::Training}, {"inference", Mode::Inference}}};
-    GeneratorParam<Layout> layout{"layout", Layout::Contiguous, kLayoutNames};
-    GeneratorParam<std::string> shape{"shape", "generic"};  // or e.g. n32_c64_s3136
-    GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
 
     Input<Buffer<float, 3>> x{"x"};
     Input<Buffer<float, 1>> weight{"weight"};
@@ -84,22 +81,13 @@ public:
             p.out(p.view.storage_args()) = (x_at - p.coeffs(c)[1]) * p.coeffs(c)[0] + bias(c);
         }
         y = p.out;
-        constrain_buffers();
-        schedule_for_target(p, get_target(), mode == Mode::Training ? "bn_fwd_train" : "bn_fwd_infer",
-                            shape, tuned);
-    }
-
-private:
-    void constrain_buffers() {
-        const FixedShape fixed = parse_fixed_shape(shape);
-        constrain_tensor(x, layout, fixed);
-        constrain_tensor(y, layout, fixed);
-        constrain_channel_vector(weight, fixed);
-        constrain_channel_vector(bias, fixed);
+        std::vector<OutputImageParam> channel_vectors = {weight, bias};
         for (auto *in : {running_mean, running_var})
-            if (in) constrain_channel_vector(*in, fixed);
+            if (in) channel_vectors.push_back(*in);
         for (auto *out : {save_mean, save_invstd, batch_var})
-            if (out) constrain_channel_vector(*out, fixed);
+            if (out) channel_vectors.push_back(*out);
+        constrain_and_schedule(p, mode == Mode::Training ? "bn_fwd_train" : "bn_fwd_infer",
+                               {x, y}, channel_vectors);
     }
 };
 

@@ -5,6 +5,7 @@
 #include "norm_pipeline.h"
 
 #include <string>
+#include <vector>
 
 namespace normgen {
 
@@ -30,5 +31,26 @@ void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape 
 // Schedules the pipeline for the generator's target with the knobs tuned for `family`.
 void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
                          const std::string &shape, const std::string &tuned_json_path);
+
+// What every BatchNorm generator shares: the layout, the exact shape (if any) and the tuned
+// knobs file; and its last step, constraining the buffers and scheduling for the target.
+template <typename Derived>
+class BatchNormGenerator : public Halide::Generator<Derived> {
+public:
+    Halide::GeneratorParam<Layout> layout{"layout", Layout::Contiguous, kLayoutNames};
+    Halide::GeneratorParam<std::string> shape{"shape", "generic"};  // or e.g. n32_c64_s3136
+    Halide::GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
+
+protected:
+    // tensors: the 3-D arguments; channel_vectors: the per-channel ones.
+    void constrain_and_schedule(NormPipeline &p, const std::string &family,
+                                const std::vector<Halide::OutputImageParam> &tensors,
+                                const std::vector<Halide::OutputImageParam> &channel_vectors) {
+        const FixedShape fixed = parse_fixed_shape(shape);
+        for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
+        for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
+        schedule_for_target(p, this->get_target(), family, shape, tuned);
+    }
+};
 
 }  // namespace normgen
