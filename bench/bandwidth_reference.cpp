@@ -12,6 +12,7 @@
 // (aligned to 64 bytes), as the kernels' own parallel loops roughly do.
 #include "bandwidth_reference.h"
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -43,6 +44,24 @@ void read2_write1_reference(const float *__restrict x, const float *__restrict d
         int64_t b, e;
         thread_range(n, &b, &e);
         for (int64_t i = b; i < e; i++) dx[i] = x[i] + dy[i];
+    }
+}
+
+void flush_from_cache(const float *p, int64_t n) {
+    const char *bytes = reinterpret_cast<const char *>(p);
+    const int64_t lines = (n * int64_t(sizeof(float)) + 63) / 64;
+#pragma omp parallel
+    {
+        int64_t b, e;
+        thread_range(lines, &b, &e);
+        for (int64_t i = b; i < e; i++) {
+#ifdef __CLFLUSHOPT__
+            _mm_clflushopt(const_cast<char *>(bytes + i * 64));
+#else
+            _mm_clflush(bytes + i * 64);
+#endif
+        }
+        _mm_mfence();
     }
 }
 

@@ -11,4 +11,7 @@ void copy_reference(const float *x, float *y, int64_t n);
 // dx = x + dy: reads two tensors, writes one (3 passes: the floor for any backward kernel).
 void read2_write1_reference(const float *x, const float *dy, float *dx, int64_t n);
 
+// Writes back and evicts [p, p + n) from every cache level (clflushopt, both threads).
+void flush_from_cache(const float *p, int64_t n);
+
 }  // namespace bench

@@ -4,8 +4,9 @@
 //   build-bench/bin/bench_batch_norm --csv=out.csv --markdown=out.md     (or: scripts/bench)
 //   flags: --shapes=FILE (benchdnn-style, one PyTorch shape per line, e.g. 32x64x56x56)
 //          --impl=normgen,onednn,torch  --op=fwd_train,fwd_infer,bwd_train  --format=contig,cl
-//          --reps=N (repetitions; default by size)  --threads=N (default 2)  --budget=SECONDS
-//          (per benchmark, default 0.4) and any --benchmark_* flag of Google Benchmark.
+//          --cache=auto|cold|warm (default auto)  --reps=N (repetitions; default by size)
+//          --threads=N (default 2)  --budget=SECONDS (per benchmark, default 0.6)
+//          and any --benchmark_* flag of Google Benchmark (e.g. --benchmark_filter=REGEX).
 //
 // Design. One Google Benchmark per (shape, format, op, impl), named bn/<impl>/<op>/<format>/<shape>,
 // manual time, Iterations(1) and R repetitions. Each repetition (one "iteration") times the
@@ -14,9 +15,20 @@
 // the kernel time as the iteration time and, as counters, the reference time and the ratio
 // t_ref / t_kernel. Google Benchmark's median aggregate then gives the median kernel time, the
 // median reference time and the median of per-repetition ratios (the "fraction of reference",
-// stable while this machine's bandwidth drifts); a "min" statistic gives the best kernel time.
-// Small problems time k back-to-back calls per sample (k so a sample lasts >= 0.5 ms; the CSV's
-// calls_per_sample) and divide by k.
+// stable while this machine's bandwidth drifts, by 3x within seconds at worst); a "min"
+// statistic gives the best kernel time.
+//
+// Cache state. Every timed call (reference or kernel) starts with the tensors it touches
+// flushed from all caches (clflushopt, outside the timed region): the DRAM-pass model of
+// DESIGN.md, and no implementation is helped or hurt by what the previous call left in cache
+// (oneDNN's JIT kernels can use streaming stores, which evict y and would slow a warm
+// reference). Problems whose tensors fit in the threads' L2 (here only 8x32x8x8) are timed warm
+// instead, as after the layer that produced them; --cache=cold|warm forces either. Problems
+// whose call takes < 0.5 ms are timed k times per sample (the CSV's calls_per_sample), cold
+// ones with a flush before each call, and the time divided by k.
+//
+// Other processes. A pair during which any of our threads was involuntarily switched out
+// (getrusage) is timed again, up to 5 times; the CSV counts retries and pairs still disturbed.
 //
 // Every buffer of every implementation is allocated, huge-page advised and touched before
 // timing; the timed calls allocate nothing (libtorch: see impl_torch.cpp; oneDNN: user
@@ -43,6 +55,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 namespace bench {
@@ -62,7 +75,9 @@ struct Options {
     std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
     int reps = 0;  // 0: by problem size
     int threads = 2;
-    double budget_s = 0.4;
+    enum class Cache { automatic, cold, warm } cache = Cache::automatic;  // --cache=
+    int64_t l2_bytes = 0;  // L2 of the threads together, for --cache=auto
+    double budget_s = 0.6;
 };
 
 std::vector<std::string> split(const std::string &s, char sep) {
@@ -117,6 +132,12 @@ Options parse_options(int *argc, char **argv) {
         else if (const char *v = value("--reps")) o.reps = std::max(1, std::atoi(v));
         else if (const char *v = value("--threads")) o.threads = std::max(1, std::atoi(v));
         else if (const char *v = value("--budget")) o.budget_s = std::max(0.0, std::atof(v));
+        else if (const char *v = value("--cache")) {
+            const std::string c = v;
+            if (c != "auto" && c != "cold" && c != "warm")
+                throw std::invalid_argument("--cache: expected auto, cold or warm, got '" + c + "'");
+            o.cache = c == "cold" ? Options::Cache::cold : c == "warm" ? Options::Cache::warm : Options::Cache::automatic;
+        }
         else argv[kept++] = argv[i];
     }
     *argc = kept;
@@ -162,6 +183,8 @@ struct Result {
     double median_ms = NAN, min_ms = NAN, ref_median_ms = NAN, frac = NAN;
     int64_t reps = 0;
     int calls_per_sample = 0;
+    int64_t retries = 0, disturbed = 0;  // pairs timed again / still preempted after retries
+    bool cold = true;
     std::string kernel, check = "not run", error;
     double max_err = NAN;
 };
@@ -241,6 +264,31 @@ private:
     Result scratch_;
 };
 
+constexpr int kMaxRetries = 5;
+
+// Per-core L2 size from sysfs (1 MiB if unknown).
+int64_t l2_per_core() {
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index2/size");
+    std::string s;
+    if (!(f >> s) || s.empty()) return int64_t(1) << 20;
+    const int64_t v = std::atoll(s.c_str());
+    const char unit = s.back();
+    return unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : v;
+}
+
+// auto: a problem whose tensors fit in the threads' L2 is timed warm (as after the layer that
+// produced it); a larger one cold, from DRAM.
+bool timed_cold(const Options &o, const Problem &p, Op op) {
+    if (o.cache != Options::Cache::automatic) return o.cache == Options::Cache::cold;
+    return passes(op) * p.numel() * int64_t(sizeof(float)) > o.l2_bytes;
+}
+
+long involuntary_switches() {  // of every thread of this process
+    rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_nivcsw;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -261,10 +309,29 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
         else copy_reference(in.x.data(), out, n);
     };
     auto kernel = [&] { impl.run(c.op); };
-    auto timed = [](int calls, const auto &fn) {
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int k = 0; k < calls; k++) fn();
-        return seconds_since(t0) / calls;
+    // Cold: every timed call starts with the tensors it touches flushed from the caches.
+    auto flush = [&] {
+        flush_from_cache(in.x.data(), n);
+        flush_from_cache(out, n);
+        if (c.op == Op::bwd_train) flush_from_cache(in.dy.data(), n);
+    };
+    const bool cold = timed_cold(suite.opt, f.problem, c.op);
+    suite.results[c.bench_name].cold = cold;
+    auto timed = [&](int calls, const auto &fn) {
+        double total = 0;
+        if (cold) {
+            for (int k = 0; k < calls; k++) {
+                flush();
+                const auto t0 = std::chrono::steady_clock::now();
+                fn();
+                total += seconds_since(t0);
+            }
+        } else {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int k = 0; k < calls; k++) fn();
+            total = seconds_since(t0);
+        }
+        return total / calls;
     };
     try {
         int &calls = f.calls_per_sample[i][o];
@@ -274,9 +341,22 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
             calls = std::clamp(int(std::ceil(5e-4 / std::max(t, 1e-9))), 1, 1000);
             for (int k = 0; k < calls; k++) reference(), kernel();
         }
+        Result &r = suite.results[c.bench_name];
         for (auto _ : state) {
-            const double t_ref = timed(calls, reference);
-            const double t_kernel = timed(calls, kernel);
+            // A pair during which any of our threads was preempted (another process wanted a
+            // core) is timed again, up to kMaxRetries times; one still disturbed is counted.
+            double t_ref = 0, t_kernel = 0;
+            for (int attempt = 0;; attempt++) {
+                const long switches = involuntary_switches();
+                t_ref = timed(calls, reference);
+                t_kernel = timed(calls, kernel);
+                if (involuntary_switches() == switches) break;
+                if (attempt == kMaxRetries) {
+                    r.disturbed++;
+                    break;
+                }
+                r.retries++;
+            }
             state.SetIterationTime(t_kernel);
             state.counters["ref_us"] = t_ref * 1e6;
             state.counters["frac"] = t_ref / t_kernel;
@@ -339,6 +419,12 @@ std::string fmt(double v, int digits = 3) {
     return buf;
 }
 
+std::string fmt_sci(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2e", v);
+    return buf;
+}
+
 std::string csv_field(const std::string &s) {
     if (s.find_first_of(",\"\n") == std::string::npos) return s;
     std::string q = "\"";
@@ -350,7 +436,7 @@ void write_csv(const Suite &suite, const std::string &path) {
     std::ofstream out(path);
     if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
     out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,kernel,"
-           "check,max_err,reps,calls_per_sample\n";
+           "check,max_err,reps,calls_per_sample,retries,disturbed,cache\n";
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
         const Problem p{suite.shapes[c.shape], c.format};
@@ -358,8 +444,9 @@ void write_csv(const Suite &suite, const std::string &path) {
             << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.median_ms) : NAN, 2)
             << ',' << fmt(r.ref_median_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN, 2)
             << ',' << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
-            << (std::isfinite(r.max_err) ? std::to_string(r.max_err) : "") << ',' << r.reps << ','
-            << r.calls_per_sample << '\n';
+            << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "") << ',' << r.reps << ','
+            << r.calls_per_sample << ',' << r.retries << ',' << r.disturbed << ','
+            << (r.timed ? (r.cold ? "cold" : "warm") : "") << '\n';
     }
 }
 
@@ -396,9 +483,20 @@ void write_markdown(const Suite &suite, const std::string &path) {
     out << "# BatchNorm fp32: normgen vs oneDNN vs libtorch\n\n"
         << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`.\n\n"
         << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a copy "
-           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward. `frac` is the median "
-           "over repetitions of t_ref / t_kernel (1.0: as fast as moving the minimum bytes with a plain "
-           "loop); times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward).\n\n";
+           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward, both plain OpenMP loops "
+           "with ordinary stores. `frac` is the median over repetitions of t_ref / t_kernel (1.0: as fast "
+           "as moving the minimum bytes with a plain loop; kernels with streaming stores can exceed it); "
+           "times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward). Cache: "
+        << (o.cache == Options::Cache::cold   ? "cold: each timed call starts with its tensors flushed from the caches"
+            : o.cache == Options::Cache::warm ? "warm: back-to-back calls"
+                                              : "each timed call starts with its tensors flushed from the caches (cold), "
+                                                "except problems that fit in the threads' L2 (" +
+                                                    std::to_string(o.l2_bytes >> 20) +
+                                                    " MiB), timed warm as after the layer that produced them "
+                                                    "(marked *)")
+        << ". libtorch is timed through the kernels its operators dispatch to, without output allocation "
+           "(see bench/impl_torch.cpp); oneDNN with nchw/nhwc memory (its JIT kernels need nhwc: on nchw "
+           "it runs `ncsp_bnorm:any`).\n\n";
 
     // Summary: geometric means over the shapes every listed implementation timed.
     out << "## Summary (geometric means over the suite)\n\n"
@@ -471,7 +569,8 @@ void write_markdown(const Suite &suite, const std::string &path) {
                 for (ImplKind k : o.impls)
                     if (const Result *r = get(s, f, op, k); r && r->timed) refs.push_back(gbps(p, op, r->ref_median_ms));
                 std::sort(refs.begin(), refs.end());
-                out << "| " << p.shape() << " | " << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
+                const bool warm = o.cache == Options::Cache::automatic && !timed_cold(o, p, op);
+                out << "| " << p.shape() << (warm ? "*" : "") << " | " << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
                     << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
                 double best_peer = NAN;
                 for (ImplKind k : o.impls) {
@@ -491,12 +590,23 @@ void write_markdown(const Suite &suite, const std::string &path) {
             out << '\n';
         }
 
-    std::ostringstream problems;
+    std::ostringstream problems, disturbed;
+    int64_t retries = 0, pairs = 0;
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
         if (r.check != "ok") problems << "- " << c.bench_name << ": " << r.check << '\n';
+        retries += r.retries;
+        pairs += r.timed ? r.reps : 0;
+        if (r.disturbed > 0)
+            disturbed << "- " << c.bench_name << ": " << r.disturbed << " of " << r.reps << " repetitions\n";
     }
     if (!problems.str().empty()) out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
+    out << "## Measurement\n\n" << pairs << " timed (reference, kernel) pairs; " << retries
+        << " were timed again because a thread of the benchmark was preempted by another process.\n";
+    if (!disturbed.str().empty())
+        out << "Still preempted after " << kMaxRetries << " retries (their medians are less reliable):\n\n"
+            << disturbed.str();
+    out << '\n';
 }
 
 }  // namespace
@@ -512,6 +622,7 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "bench_batch_norm: %s\n", e.what());
         return 2;
     }
+    suite.opt.l2_bytes = l2_per_core() * suite.opt.threads;
     const Options &o = suite.opt;
     set_threads(o.threads);
     benchmark::Initialize(&argc, argv);
@@ -530,9 +641,9 @@ int main(int argc, char **argv) {
     for (const Case &c : suite.cases) {
         const Problem p{suite.shapes[c.shape], c.format};
         // Repetitions: the budget over a pessimistic estimate of one sample pair (10 GB/s, or
-        // 1 ms for the small problems that take several calls per sample), odd, in [11, 101].
+        // 1 ms for the small problems that take several calls per sample), odd, in [15, 101].
         const double pair_s = std::max(1e-3, 2.0 * passes(c.op) * p.numel() * sizeof(float) / 10e9);
-        int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 11, 101);
+        int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
         benchmark::RegisterBenchmark(c.bench_name.c_str(), [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })
             ->UseManualTime()
             ->Unit(benchmark::kMicrosecond)

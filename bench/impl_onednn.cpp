@@ -24,8 +24,11 @@ public:
         : Impl(p, in), eng_(dnnl::engine::kind::cpu, 0), stream_(eng_), mean_(p.c()),
           variance_(p.c()), running_mean_(p.c()), running_var_(p.c()), dscale_(p.c()),
           dshift_(p.c()) {
-        const memory::dims dims(p.dims.begin(), p.dims.end());
-        const tag data_tag = data_format(p);
+        // (N, C): oneDNN 2.6 sends 'nc' to its generic ncsp_bnorm:any (about 100x slower than
+        // its JIT kernel here), so describe the same memory as (N, C, 1, 1) nhwc.
+        memory::dims dims(p.dims.begin(), p.dims.end());
+        if (dims.size() == 2) dims = {p.n(), p.c(), 1, 1};
+        const tag data_tag = dims.size() == 4 && p.dims.size() == 2 ? tag::nhwc : data_format(p);
         const memory::desc data_md(dims, memory::data_type::f32, data_tag);
         const memory::desc c_md({p.c()}, memory::data_type::f32, tag::a);
         dnnl::primitive_attr attr;
@@ -98,7 +101,7 @@ protected:
     }
 
 private:
-    // (N, C) BatchNorm1d is 'nc' in either format; otherwise nc(d)(h)w or n(d)(h)wc.
+    // nc(d)(h)w or n(d)(h)wc (2-D inputs are handled by the caller).
     static tag data_format(const Problem &p) {
         static const tag contig[] = {tag::undef, tag::undef, tag::nc, tag::ncw, tag::nchw, tag::ncdhw};
         static const tag last[] = {tag::undef, tag::undef, tag::nc, tag::nwc, tag::nhwc, tag::ndhwc};
