@@ -267,6 +267,16 @@ void print_error_report() {
            << scale[c] << ")";
 }
 
+std::vector<double> output_scale(const ref::View &v, const float *x, const ref::ForwardResult &r,
+                                 const float *weight, const float *bias) {
+    std::vector<double> scale(size_t(v.c), 0.0);
+    v.for_each([&](int64_t c, int64_t i) {
+        const double w = weight ? std::fabs(weight[c]) : 1.0, b = bias ? std::fabs(bias[c]) : 0.0;
+        scale[c] = std::max(scale[c], std::fabs(x[i] - r.mean[c]) * r.invstd[c] * w + b);
+    });
+    return scale;
+}
+
 std::vector<double> gradient_scale(const ref::View &v, const float *dy, const float *weight,
                                    const std::vector<double> &invstd) {
     std::vector<double> scale(size_t(v.c), 0.0);

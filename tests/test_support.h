@@ -129,6 +129,12 @@ std::vector<float> uniform_vector(int64_t n, Rng &rng, double lo, double hi);
 // 1). dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w cancels to nearly 0 when a
 // channel has few values (with 2, xhat = +-1 and dx is O(eps)), so dx's error is measured
 // against its terms, not against its own size.
+// The magnitude of the terms of y in channel c: max |(x - mean) * invstd * weight| + |bias|
+// (weight/bias null: 1/0). y cancels to ~0 where the bias offsets the normalised value; with
+// few values per channel (say N = 3, S = 1) every y of a channel can be small while its terms
+// are not, so y's error is measured against its terms.
+std::vector<double> output_scale(const ref::View &v, const float *x, const ref::ForwardResult &r,
+                                 const float *weight, const float *bias);
 std::vector<double> gradient_scale(const ref::View &v, const float *dy, const float *weight,
                                    const std::vector<double> &invstd);
 // Per-channel values: |got - want| <= max_ulps * ulp(float(want)).
