@@ -576,7 +576,8 @@ void write_markdown(const Suite &suite, const std::string &path) {
                 for (ImplKind k : o.impls) {
                     const Result *r = get(s, f, op, k);
                     if (r && r->timed) {
-                        out << ' ' << fmt(r->median_ms) << " | " << fmt(r->frac, 2) << " |";
+                        out << ' ' << fmt(r->median_ms) << " | " << fmt(r->frac, 2)
+                            << (4 * r->disturbed > r->reps ? "!" : "") << " |";
                         if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
                     } else {
                         out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a") << " | |";
@@ -590,23 +591,24 @@ void write_markdown(const Suite &suite, const std::string &path) {
             out << '\n';
         }
 
-    std::ostringstream problems, disturbed;
-    int64_t retries = 0, pairs = 0;
+    std::ostringstream problems;
+    int64_t retries = 0, pairs = 0, disturbed = 0, noisy = 0, timed = 0;
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
         if (r.check != "ok") problems << "- " << c.bench_name << ": " << r.check << '\n';
+        if (!r.timed) continue;
+        timed++;
         retries += r.retries;
-        pairs += r.timed ? r.reps : 0;
-        if (r.disturbed > 0)
-            disturbed << "- " << c.bench_name << ": " << r.disturbed << " of " << r.reps << " repetitions\n";
+        pairs += r.reps;
+        disturbed += r.disturbed;
+        noisy += 4 * r.disturbed > r.reps;
     }
     if (!problems.str().empty()) out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
-    out << "## Measurement\n\n" << pairs << " timed (reference, kernel) pairs; " << retries
-        << " were timed again because a thread of the benchmark was preempted by another process.\n";
-    if (!disturbed.str().empty())
-        out << "Still preempted after " << kMaxRetries << " retries (their medians are less reliable):\n\n"
-            << disturbed.str();
-    out << '\n';
+    out << "## Measurement\n\n" << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; "
+        << retries << " retimed because a thread of the benchmark was preempted by another process, "
+        << disturbed << " still preempted after " << kMaxRetries << " retries. " << noisy
+        << " benchmarks had more than a quarter of their repetitions preempted: their `frac` is marked `!` "
+           "and is less reliable (the CSV has the counts).\n\n";
 }
 
 }  // namespace
