@@ -580,6 +580,12 @@ private:
     return failed_with(st, want, words);
 }
 
+bool has_kernel(const std::string &name) {
+    for (const auto &k : manifest().at("kernels"))
+        if (k.at("name") == name) return true;
+    return false;
+}
+
 std::string kernel_file_of(const std::string &isa) { return "libkernels_x86-64-" + isa + ".so"; }
 
 TEST(Package, CopyOpensAndRuns) {
@@ -710,6 +716,33 @@ TEST(Package, NoKernelForTheRequest) {
     EXPECT_EQ(plan, nullptr);
 }
 
+// A kernel that fails inside Halide (here: an exact kernel the manifest mislabels with another
+// shape, so Halide's own buffer checks reject the call) gives NG_INTERNAL with Halide's message,
+// not an abort, and the call changes nothing.
+TEST(Package, KernelFailureBecomesAStatus) {
+    if (!cpu_supports("avx512")) GTEST_SKIP() << "exact kernels are built for avx512";
+    const std::string name = "bn_fwd_train_f32_contig_avx512_n8_c32_s64";
+    if (!has_kernel(name)) GTEST_FAIL() << "the package lacks " << name;
+    PackageCopy pkg;
+    nlohmann::json m = manifest();
+    for (auto &k : m["kernels"])
+        if (k["name"] == name) k["shape"]["s"] = 63;
+    pkg.write_manifest(m);
+    ScopedEnv cap("NORMGEN_ISA", "avx512");
+    ng_runtime *raw = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
+    RuntimePtr rt(raw);
+    Call k(make_tensor({8, 32, 63}, NG_CONTIGUOUS));
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt.get());
+    ASSERT_TRUE(plan);
+    ASSERT_EQ(chosen_kernel(plan.get()), name);
+    const ng_status st = k.forward(plan.get());
+    EXPECT_TRUE(failed_with(st, NG_INTERNAL, {name}));
+    const std::string msg = ng_last_error();
+    EXPECT_GT(msg.size(), msg.find("Halide error") + 20) << "Halide's message is missing: " << msg;
+    EXPECT_TRUE(k.untouched());
+}
+
 TEST(Package, NormgenPackageEnvironment) {
     PackageCopy pkg;
     {
@@ -749,12 +782,6 @@ TEST(Package, UnknownNormgenIsa) {
 }
 
 // ---- Registry: what plans choose, and why --------------------------------------------------
-
-bool has_kernel(const std::string &name) {
-    for (const auto &k : manifest().at("kernels"))
-        if (k.at("name") == name) return true;
-    return false;
-}
 
 TEST(Registry, RuntimeDescribeListsEveryKernel) {
     const std::string d = ng_runtime_describe(best_runtime());

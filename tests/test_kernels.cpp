@@ -723,6 +723,37 @@ TEST_P(RunningStatsTest, BackwardWithoutParameterGradients) {
     EXPECT_TRUE(dx.check_canaries("dx"));
 }
 
+// Non-finite input propagates as in PyTorch: a NaN makes its channel's outputs NaN and leaves
+// the other channels exact.
+TEST_P(RunningStatsTest, NanStaysInItsChannel) {
+    std::vector<float> x = d_.x;
+    const int64_t bad_c = 2;
+    x[size_t(v_.at(1, bad_c, 3))] = NAN;
+    std::vector<float> rm = d_.running_mean, rv = d_.running_var;
+    int64_t nbt = 0;
+    Forward f = run_forward(t_, ng_batch_norm_params_default(), x.data(), d_.weight.data(),
+                            d_.bias.data(), rm.data(), rv.data(), &nbt);
+    ASSERT_EQ(f.status, NG_OK);
+    std::vector<float> rm2 = d_.running_mean, rv2 = d_.running_var;
+    Forward clean = run_forward(t_, ng_batch_norm_params_default(), d_.x.data(),
+                                d_.weight.data(), d_.bias.data(), rm2.data(), rv2.data(), nullptr);
+    ASSERT_EQ(clean.status, NG_OK);
+    int64_t nan_in_bad = 0, wrong_elsewhere = 0;
+    v_.for_each([&](int64_t c, int64_t i) {
+        if (c == bad_c)
+            nan_in_bad += std::isnan(f.y[i]);
+        else
+            wrong_elsewhere += f.y[i] != clean.y[i];
+    });
+    EXPECT_EQ(nan_in_bad, v_.n * v_.s) << "channel " << bad_c << " must be all NaN";
+    EXPECT_EQ(wrong_elsewhere, 0) << "a NaN leaked into other channels";
+    EXPECT_TRUE(std::isnan(f.save_mean[bad_c])) << f.save_mean[bad_c];
+    EXPECT_TRUE(std::isnan(f.save_invstd[bad_c])) << f.save_invstd[bad_c];
+    EXPECT_TRUE(std::isnan(rm[bad_c])) << rm[bad_c];
+    EXPECT_TRUE(std::isnan(rv[bad_c])) << rv[bad_c] << " (was " << d_.running_var[bad_c] << ")";
+    EXPECT_FALSE(std::isnan(rm[bad_c + 1]));
+}
+
 INSTANTIATE_TEST_SUITE_P(Formats, RunningStatsTest,
                          ::testing::Values(NG_CONTIGUOUS, NG_CHANNELS_LAST),
                          [](const auto &info) {
