@@ -320,6 +320,17 @@ TEST(BadInput, NdimOutside2To5) {
     }
 }
 
+// Extents past ndim are not part of the tensor: whatever they hold is ignored.
+TEST(BadInput, ExtentsPastNdimAreIgnored) {
+    Call k(small_tensor());
+    ng_tensor t = k.t;
+    t.shape[3] = -7;
+    t.shape[4] = std::numeric_limits<int64_t>::max();
+    PlanPtr plan = make_plan(NG_OP_FORWARD, t, ng_batch_norm_params_default());
+    ASSERT_TRUE(plan);
+    EXPECT_EQ(k.forward(plan.get()), NG_OK) << ng_last_error();
+}
+
 TEST(BadInput, ZeroOrNegativeExtents) {
     const ng_batch_norm_params p = ng_batch_norm_params_default();
     for (int dim = 0; dim < 4; dim++)
