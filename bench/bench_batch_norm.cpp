@@ -185,7 +185,7 @@ struct Result {
     int calls_per_sample = 0;
     int64_t retries = 0, disturbed = 0;  // pairs timed again / still preempted after retries
     bool cold = true;
-    std::string kernel, check = "not run", error;
+    std::string kernel, check = "not run";
     double max_err = NAN;
 };
 
@@ -219,35 +219,45 @@ private:
         auto f = std::make_unique<Fixture>();
         f->problem = Problem{shapes[shape], format};
         const Problem &p = f->problem;
+        auto record = [&](ImplKind kind, Op op, const std::string &why, const std::string &kernel, double err) {
+            f->failure[int(kind)][int(op)] = why;
+            Result &r = result_for(shape, format, op, kind);
+            r.kernel = kernel;
+            r.max_err = err;
+            r.check = why.empty() ? "ok" : why;
+            if (!why.empty())
+                std::fprintf(stderr, "check %s/%s/%s/%s: %s\n", name(kind), name(op), name(format),
+                             p.shape().c_str(), why.c_str());
+        };
         f->inputs = std::make_unique<Inputs>(p);
         std::vector<Buffer> storage;
-        const Outputs oracle = torch_oracle(p, *f->inputs, storage);
+        Outputs oracle;
+        try {
+            oracle = torch_oracle(p, *f->inputs, storage);
+        } catch (const std::exception &e) {
+            for (ImplKind kind : opt.impls)
+                for (Op op : kOps) record(kind, op, std::string("oracle: ") + e.what(), "", NAN);
+            return f;
+        }
         for (ImplKind kind : opt.impls) {
-            const int i = int(kind);
             try {
-                f->impls[i] = kind == ImplKind::normgen ? make_normgen(p, *f->inputs)
-                              : kind == ImplKind::onednn ? make_onednn(p, *f->inputs)
-                                                         : make_torch(p, *f->inputs);
+                f->impls[int(kind)] = kind == ImplKind::normgen ? make_normgen(p, *f->inputs)
+                                      : kind == ImplKind::onednn ? make_onednn(p, *f->inputs)
+                                                                 : make_torch(p, *f->inputs);
             } catch (const std::exception &e) {
-                for (Op op : kOps) f->failure[i][int(op)] = std::string("setup: ") + e.what();
+                for (Op op : kOps) record(kind, op, std::string("setup: ") + e.what(), "", NAN);
                 continue;
             }
-            Impl &impl = *f->impls[i];
+            Impl &impl = *f->impls[int(kind)];
             const Outputs out = impl.run_for_check();
             for (Op op : kOps) {
-                std::string &why = f->failure[i][int(op)];
                 double err = NAN;
+                std::string why;
                 if (!impl.unavailable(op).empty()) why = "unavailable: " + impl.unavailable(op);
                 else if (!out.error[int(op)].empty()) why = "error: " + out.error[int(op)];
                 else if (std::string diff = check(op, p, oracle, out, &err); !diff.empty())
                     why = "FAIL: " + diff;
-                Result &r = result_for(shape, format, op, kind);
-                r.kernel = impl.kernel(op);
-                r.max_err = err;
-                r.check = why.empty() ? "ok" : why;
-                if (!why.empty())
-                    std::fprintf(stderr, "check %s/%s/%s/%s: %s\n", name(kind), name(op), name(format),
-                                 p.shape().c_str(), why.c_str());
+                record(kind, op, why, impl.kernel(op), err);
             }
         }
         return f;
