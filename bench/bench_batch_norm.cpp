@@ -8,14 +8,14 @@
 //          --threads=N (default 2)  --budget=SECONDS (per benchmark, default 0.6)
 //          and any --benchmark_* flag of Google Benchmark (e.g. --benchmark_filter=REGEX).
 //
-// Design. One Google Benchmark per (shape, format, op, impl), named bn/<impl>/<op>/<format>/<shape>,
-// manual time, Iterations(1) and R repetitions. Each repetition (one "iteration") times the
-// bandwidth reference and then the kernel, back to back on the same buffers (the reference writes
-// the implementation's own y or dx): copy y = x for forward, dx = x + dy for backward. It reports
-// the kernel time as the iteration time and, as counters, the reference time and the ratio
-// t_ref / t_kernel. Google Benchmark's median aggregate then gives the median kernel time, the
-// median reference time and the median of per-repetition ratios (the "fraction of reference",
-// stable while this machine's bandwidth drifts, by 3x within seconds at worst); a "min"
+// Design. One Google Benchmark per (shape, format, op, impl), named
+// bn/<impl>/<op>/<format>/<shape>, manual time, Iterations(1) and R repetitions. Each repetition
+// (one "iteration") times the bandwidth reference and then the kernel, back to back on the same
+// buffers (the reference writes the implementation's own y or dx): copy y = x for forward, dx = x +
+// dy for backward. It reports the kernel time as the iteration time and, as counters, the reference
+// time and the ratio t_ref / t_kernel. Google Benchmark's median aggregate then gives the median
+// kernel time, the median reference time and the median of per-repetition ratios (the "fraction of
+// reference", stable while this machine's bandwidth drifts, by 3x within seconds at worst); a "min"
 // statistic gives the best kernel time.
 //
 // Cache state. Every timed call (reference or kernel) starts with the tensors it touches
@@ -38,10 +38,9 @@
 // failed check and that case is not timed, so nothing fast and wrong is published.
 //
 // GB/s counts the minimum traffic: forward 2 passes over the tensor, backward 3.
-#include "bandwidth_reference.h"
-#include "bench_common.h"
-
 #include <benchmark/benchmark.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,8 +54,8 @@
 #include <sstream>
 #include <stdexcept>
 
-#include <sys/resource.h>
-#include <unistd.h>
+#include "bandwidth_reference.h"
+#include "bench_common.h"
 
 namespace bench {
 namespace {
@@ -98,7 +97,8 @@ std::vector<E> parse_list(const std::string &flag, const std::string &value, con
             if (item == name(e)) out.push_back(e), found = true;
         if (!found) {
             auto it = aliases.find(item);
-            if (it == aliases.end()) throw std::invalid_argument(flag + ": unknown value '" + item + "'");
+            if (it == aliases.end())
+                throw std::invalid_argument(flag + ": unknown value '" + item + "'");
             out.push_back(it->second);
         }
     }
@@ -114,31 +114,46 @@ Options parse_options(int *argc, char **argv) {
         const std::string arg = argv[i];
         auto value = [&](const char *flag) -> const char * {
             const size_t n = std::strlen(flag);
-            return arg.compare(0, n, flag) == 0 && arg.size() > n && arg[n] == '=' ? argv[i] + n + 1 : nullptr;
+            return arg.compare(0, n, flag) == 0 && arg.size() > n && arg[n] == '=' ? argv[i] + n + 1
+                                                                                   : nullptr;
         };
-        if (const char *v = value("--shapes")) o.shapes_file = v;
-        else if (const char *v = value("--csv")) o.csv = v;
-        else if (const char *v = value("--markdown")) o.markdown = v;
+        if (const char *v = value("--shapes"))
+            o.shapes_file = v;
+        else if (const char *v = value("--csv"))
+            o.csv = v;
+        else if (const char *v = value("--markdown"))
+            o.markdown = v;
         else if (const char *v = value("--impl"))
-            o.impls = parse_list<ImplKind>("--impl", v, kImpls, {{"dnnl", ImplKind::onednn}, {"libtorch", ImplKind::torch}});
+            o.impls = parse_list<ImplKind>(
+                "--impl", v, kImpls, {{"dnnl", ImplKind::onednn}, {"libtorch", ImplKind::torch}});
         else if (const char *v = value("--op"))
             o.ops = parse_list<Op>("--op", v, kOps,
-                                   {{"forward_training", Op::fwd_train}, {"forward_inference", Op::fwd_infer},
-                                    {"backward", Op::bwd_train}, {"bwd", Op::bwd_train}});
+                                   {{"forward_training", Op::fwd_train},
+                                    {"forward_inference", Op::fwd_infer},
+                                    {"backward", Op::bwd_train},
+                                    {"bwd", Op::bwd_train}});
         else if (const char *v = value("--format"))
             o.formats = parse_list<Format>("--format", v, kFormats,
-                                           {{"nchw", Format::contig}, {"contiguous", Format::contig},
-                                            {"nhwc", Format::cl}, {"channels_last", Format::cl}});
-        else if (const char *v = value("--reps")) o.reps = std::max(1, std::atoi(v));
-        else if (const char *v = value("--threads")) o.threads = std::max(1, std::atoi(v));
-        else if (const char *v = value("--budget")) o.budget_s = std::max(0.0, std::atof(v));
+                                           {{"nchw", Format::contig},
+                                            {"contiguous", Format::contig},
+                                            {"nhwc", Format::cl},
+                                            {"channels_last", Format::cl}});
+        else if (const char *v = value("--reps"))
+            o.reps = std::max(1, std::atoi(v));
+        else if (const char *v = value("--threads"))
+            o.threads = std::max(1, std::atoi(v));
+        else if (const char *v = value("--budget"))
+            o.budget_s = std::max(0.0, std::atof(v));
         else if (const char *v = value("--cache")) {
             const std::string c = v;
             if (c != "auto" && c != "cold" && c != "warm")
-                throw std::invalid_argument("--cache: expected auto, cold or warm, got '" + c + "'");
-            o.cache = c == "cold" ? Options::Cache::cold : c == "warm" ? Options::Cache::warm : Options::Cache::automatic;
-        }
-        else argv[kept++] = argv[i];
+                throw std::invalid_argument("--cache: expected auto, cold or warm, got '" + c +
+                                            "'");
+            o.cache = c == "cold"   ? Options::Cache::cold
+                      : c == "warm" ? Options::Cache::warm
+                                    : Options::Cache::automatic;
+        } else
+            argv[kept++] = argv[i];
     }
     *argc = kept;
     return o;
@@ -157,7 +172,8 @@ std::vector<std::vector<int64_t>> read_shapes(const std::string &file) {
         for (const std::string &d : split(line, 'x')) {
             char *end = nullptr;
             const long long v = std::strtoll(d.c_str(), &end, 10);
-            if (*end || v <= 0) throw std::runtime_error(file + ": bad extent '" + d + "' in '" + line + "'");
+            if (*end || v <= 0)
+                throw std::runtime_error(file + ": bad extent '" + d + "' in '" + line + "'");
             dims.push_back(v);
         }
         if (dims.size() < 2 || dims.size() > 5)
@@ -219,7 +235,8 @@ private:
         auto f = std::make_unique<Fixture>();
         f->problem = Problem{shapes[shape], format};
         const Problem &p = f->problem;
-        auto record = [&](ImplKind kind, Op op, const std::string &why, const std::string &kernel, double err) {
+        auto record = [&](ImplKind kind, Op op, const std::string &why, const std::string &kernel,
+                          double err) {
             f->failure[int(kind)][int(op)] = why;
             Result &r = result_for(shape, format, op, kind);
             r.kernel = kernel;
@@ -241,7 +258,7 @@ private:
         }
         for (ImplKind kind : opt.impls) {
             try {
-                f->impls[int(kind)] = kind == ImplKind::normgen ? make_normgen(p, *f->inputs)
+                f->impls[int(kind)] = kind == ImplKind::normgen  ? make_normgen(p, *f->inputs)
                                       : kind == ImplKind::onednn ? make_onednn(p, *f->inputs)
                                                                  : make_torch(p, *f->inputs);
             } catch (const std::exception &e) {
@@ -253,8 +270,10 @@ private:
             for (Op op : kOps) {
                 double err = NAN;
                 std::string why;
-                if (!impl.unavailable(op).empty()) why = "unavailable: " + impl.unavailable(op);
-                else if (!out.error[int(op)].empty()) why = "error: " + out.error[int(op)];
+                if (!impl.unavailable(op).empty())
+                    why = "unavailable: " + impl.unavailable(op);
+                else if (!out.error[int(op)].empty())
+                    why = "error: " + out.error[int(op)];
                 else if (std::string diff = check(op, p, oracle, out, &err); !diff.empty())
                     why = "FAIL: " + diff;
                 record(kind, op, why, impl.kernel(op), err);
@@ -265,7 +284,8 @@ private:
 
     Result &result_for(size_t shape, Format format, Op op, ImplKind impl) {
         for (const Case &c : cases)
-            if (c.shape == shape && c.format == format && c.op == op && c.impl == impl) return results[c.bench_name];
+            if (c.shape == shape && c.format == format && c.op == op && c.impl == impl)
+                return results[c.bench_name];
         return scratch_;  // an op/impl filtered out: checked but not reported
     }
 
@@ -315,8 +335,10 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
     const int64_t n = f.problem.numel();
     float *out = impl.output(c.op);
     auto reference = [&] {
-        if (c.op == Op::bwd_train) read2_write1_reference(in.x.data(), in.dy.data(), out, n);
-        else copy_reference(in.x.data(), out, n);
+        if (c.op == Op::bwd_train)
+            read2_write1_reference(in.x.data(), in.dy.data(), out, n);
+        else
+            copy_reference(in.x.data(), out, n);
     };
     auto kernel = [&] { impl.run(c.op); };
     // Cold: every timed call starts with the tensors it touches flushed from the caches.
@@ -398,7 +420,10 @@ public:
                 continue;
             }
             if (run.run_type != Run::RT_Aggregate) continue;
-            auto counter = [&](const char *k) { auto c = run.counters.find(k); return c == run.counters.end() ? NAN : double(c->second); };
+            auto counter = [&](const char *k) {
+                auto c = run.counters.find(k);
+                return c == run.counters.end() ? NAN : double(c->second);
+            };
             if (run.aggregate_name == "median") {
                 r.timed = true;
                 r.median_ms = run.GetAdjustedRealTime() / 1e3;  // registered in microseconds
@@ -445,15 +470,17 @@ std::string csv_field(const std::string &s) {
 void write_csv(const Suite &suite, const std::string &path) {
     std::ofstream out(path);
     if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
-    out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,kernel,"
+    out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,"
+           "kernel,"
            "check,max_err,reps,calls_per_sample,retries,disturbed,cache\n";
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
         const Problem p{suite.shapes[c.shape], c.format};
         out << name(c.impl) << ',' << name(c.op) << ',' << name(c.format) << ',' << p.shape() << ','
-            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.median_ms) : NAN, 2)
-            << ',' << fmt(r.ref_median_ms, 4) << ',' << fmt(r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN, 2)
-            << ',' << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
+            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ','
+            << fmt(r.timed ? gbps(p, c.op, r.median_ms) : NAN, 2) << ',' << fmt(r.ref_median_ms, 4)
+            << ',' << fmt(r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN, 2) << ','
+            << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
             << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "") << ',' << r.reps << ','
             << r.calls_per_sample << ',' << r.retries << ',' << r.disturbed << ','
             << (r.timed ? (r.cold ? "cold" : "warm") : "") << '\n';
@@ -469,7 +496,8 @@ std::string machine_line(int threads) {
             break;
         }
     auto cache = [](int index) {
-        std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+        std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) +
+                        "/size");
         std::string s;
         return f >> s ? s : std::string("?");
     };
@@ -486,35 +514,49 @@ void write_markdown(const Suite &suite, const std::string &path) {
     const Options &o = suite.opt;
     auto get = [&](size_t s, Format f, Op op, ImplKind impl) -> const Result * {
         for (const Case &c : suite.cases)
-            if (c.shape == s && c.format == f && c.op == op && c.impl == impl) return &suite.results.at(c.bench_name);
+            if (c.shape == s && c.format == f && c.op == op && c.impl == impl)
+                return &suite.results.at(c.bench_name);
         return nullptr;
     };
-    auto has = [&](ImplKind k) { return std::find(o.impls.begin(), o.impls.end(), k) != o.impls.end(); };
+    auto has = [&](ImplKind k) {
+        return std::find(o.impls.begin(), o.impls.end(), k) != o.impls.end();
+    };
     out << "# BatchNorm fp32: normgen vs oneDNN vs libtorch\n\n"
         << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`.\n\n"
-        << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a copy "
-           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward, both plain OpenMP loops "
-           "with ordinary stores. `frac` is the median over repetitions of t_ref / t_kernel (1.0: as fast "
-           "as moving the minimum bytes with a plain loop; kernels with streaming stores can exceed it); "
-           "times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward). Cache: "
-        << (o.cache == Options::Cache::cold   ? "cold: each timed call starts with its tensors flushed from the caches"
-            : o.cache == Options::Cache::warm ? "warm: back-to-back calls"
-                                              : "each timed call starts with its tensors flushed from the caches (cold), "
-                                                "except problems that fit in the threads' L2 (" +
-                                                    std::to_string(o.l2_bytes >> 20) +
-                                                    " MiB), timed warm as after the layer that produced them "
-                                                    "(marked *)")
-        << ". libtorch is timed through the kernels its operators dispatch to, without output allocation "
-           "(see bench/impl_torch.cpp); oneDNN with nchw/nhwc memory (its JIT kernels need nhwc: on nchw "
+        << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a "
+           "copy "
+           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward, both plain "
+           "OpenMP loops "
+           "with ordinary stores. `frac` is the median over repetitions of t_ref / t_kernel (1.0: "
+           "as fast "
+           "as moving the minimum bytes with a plain loop; kernels with streaming stores can "
+           "exceed it); "
+           "times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward). "
+           "Cache: "
+        << (o.cache == Options::Cache::cold
+                ? "cold: each timed call starts with its tensors flushed from the caches"
+            : o.cache == Options::Cache::warm
+                ? "warm: back-to-back calls"
+                : "each timed call starts with its tensors flushed from the caches (cold), "
+                  "except problems that fit in the threads' L2 (" +
+                      std::to_string(o.l2_bytes >> 20) +
+                      " MiB), timed warm as after the layer that produced them "
+                      "(marked *)")
+        << ". libtorch is timed through the kernels its operators dispatch to, without output "
+           "allocation "
+           "(see bench/impl_torch.cpp); oneDNN with nchw/nhwc memory (its JIT kernels need nhwc: "
+           "on nchw "
            "it runs `ncsp_bnorm:any`).\n\n";
 
     // Summary: geometric means over the shapes every listed implementation timed.
     out << "## Summary (geometric means over the suite)\n\n"
-        << "| op | format | impl | shapes | median ms | GB/s | frac of ref | normgen / impl (frac) | normgen / impl (time) |\n"
+        << "| op | format | impl | shapes | median ms | GB/s | frac of ref | normgen / impl (frac) "
+           "| normgen / impl (time) |\n"
         << "|---|---|---|---:|---:|---:|---:|---:|---:|\n";
     std::ostringstream headline;
-    headline << "| op | format | best peer | normgen / best peer (frac) | normgen / best peer (time) |\n"
-             << "|---|---|---|---:|---:|\n";
+    headline
+        << "| op | format | best peer | normgen / best peer (frac) | normgen / best peer (time) |\n"
+        << "|---|---|---|---:|---:|\n";
     for (Op op : o.ops)
         for (Format f : o.formats) {
             std::vector<size_t> common;
@@ -527,7 +569,9 @@ void write_markdown(const Suite &suite, const std::string &path) {
                 if (all) common.push_back(s);
             }
             if (common.empty()) continue;
-            struct G { double ms = 0, gbps = 0, frac = 0; };
+            struct G {
+                double ms = 0, gbps = 0, frac = 0;
+            };
             std::map<ImplKind, G> g;
             for (ImplKind k : o.impls) {
                 G &x = g[k];
@@ -542,25 +586,30 @@ void write_markdown(const Suite &suite, const std::string &path) {
                 x.frac = std::exp(x.frac / common.size());
             }
             for (ImplKind k : o.impls) {
-                out << "| " << name(op) << " | " << name(f) << " | " << name(k) << " | " << common.size() << " | "
-                    << fmt(g[k].ms) << " | " << fmt(g[k].gbps, 1) << " | " << fmt(g[k].frac) << " | ";
+                out << "| " << name(op) << " | " << name(f) << " | " << name(k) << " | "
+                    << common.size() << " | " << fmt(g[k].ms) << " | " << fmt(g[k].gbps, 1) << " | "
+                    << fmt(g[k].frac) << " | ";
                 if (has(ImplKind::normgen) && k != ImplKind::normgen)
-                    out << fmt(g[ImplKind::normgen].frac / g[k].frac) << " | " << fmt(g[k].ms / g[ImplKind::normgen].ms) << " |\n";
+                    out << fmt(g[ImplKind::normgen].frac / g[k].frac) << " | "
+                        << fmt(g[k].ms / g[ImplKind::normgen].ms) << " |\n";
                 else
                     out << " | |\n";
             }
             if (has(ImplKind::normgen) && (has(ImplKind::onednn) || has(ImplKind::torch))) {
                 ImplKind best = has(ImplKind::onednn) ? ImplKind::onednn : ImplKind::torch;
-                if (has(ImplKind::onednn) && has(ImplKind::torch) && g[ImplKind::torch].frac > g[ImplKind::onednn].frac)
+                if (has(ImplKind::onednn) && has(ImplKind::torch) &&
+                    g[ImplKind::torch].frac > g[ImplKind::onednn].frac)
                     best = ImplKind::torch;
                 headline << "| " << name(op) << " | " << name(f) << " | " << name(best) << " | "
                          << fmt(g[ImplKind::normgen].frac / g[best].frac) << " | "
                          << fmt(g[best].ms / g[ImplKind::normgen].ms) << " |\n";
             }
         }
-    out << "\n`normgen / X` > 1 means normgen is faster than X (ratio of geometric-mean fractions of "
+    out << "\n`normgen / X` > 1 means normgen is faster than X (ratio of geometric-mean fractions "
+           "of "
            "reference, and inverse ratio of geometric-mean times).\n\n"
-        << "### normgen against the best peer (the faster of oneDNN and libtorch by geometric mean, per op and format)\n\n"
+        << "### normgen against the best peer (the faster of oneDNN and libtorch by geometric "
+           "mean, per op and format)\n\n"
         << headline.str() << "\n";
 
     // Per shape, one table per (op, format).
@@ -577,10 +626,12 @@ void write_markdown(const Suite &suite, const std::string &path) {
                 const Problem p{suite.shapes[s], f};
                 std::vector<double> refs;
                 for (ImplKind k : o.impls)
-                    if (const Result *r = get(s, f, op, k); r && r->timed) refs.push_back(gbps(p, op, r->ref_median_ms));
+                    if (const Result *r = get(s, f, op, k); r && r->timed)
+                        refs.push_back(gbps(p, op, r->ref_median_ms));
                 std::sort(refs.begin(), refs.end());
                 const bool warm = o.cache == Options::Cache::automatic && !timed_cold(o, p, op);
-                out << "| " << p.shape() << (warm ? "*" : "") << " | " << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
+                out << "| " << p.shape() << (warm ? "*" : "") << " | "
+                    << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
                     << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
                 double best_peer = NAN;
                 for (ImplKind k : o.impls) {
@@ -590,7 +641,8 @@ void write_markdown(const Suite &suite, const std::string &path) {
                             << (4 * r->disturbed > r->reps ? "!" : "") << " |";
                         if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
                     } else {
-                        out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a") << " | |";
+                        out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a")
+                            << " | |";
                     }
                 }
                 const Result *ng = get(s, f, op, ImplKind::normgen);
@@ -613,11 +665,14 @@ void write_markdown(const Suite &suite, const std::string &path) {
         disturbed += r.disturbed;
         noisy += 4 * r.disturbed > r.reps;
     }
-    if (!problems.str().empty()) out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
-    out << "## Measurement\n\n" << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; "
-        << retries << " retimed because a thread of the benchmark was preempted by another process, "
+    if (!problems.str().empty())
+        out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
+    out << "## Measurement\n\n"
+        << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; " << retries
+        << " retimed because a thread of the benchmark was preempted by another process, "
         << disturbed << " still preempted after " << kMaxRetries << " retries. " << noisy
-        << " benchmarks had more than a quarter of their repetitions preempted: their `frac` is marked `!` "
+        << " benchmarks had more than a quarter of their repetitions preempted: their `frac` is "
+           "marked `!` "
            "and is less reliable (the CSV has the counts).\n\n";
 }
 
@@ -646,7 +701,8 @@ int main(int argc, char **argv) {
                 for (ImplKind impl : o.impls) {
                     const Problem p{suite.shapes[s], f};
                     Case c{s, f, op, impl,
-                           std::string("bn/") + name(impl) + "/" + name(op) + "/" + name(f) + "/" + p.shape()};
+                           std::string("bn/") + name(impl) + "/" + name(op) + "/" + name(f) + "/" +
+                               p.shape()};
                     suite.cases.push_back(c);
                     suite.results[c.bench_name];
                 }
@@ -656,13 +712,16 @@ int main(int argc, char **argv) {
         // 1 ms for the small problems that take several calls per sample), odd, in [15, 101].
         const double pair_s = std::max(1e-3, 2.0 * passes(c.op) * p.numel() * sizeof(float) / 10e9);
         int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
-        benchmark::RegisterBenchmark(c.bench_name.c_str(), [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })
+        benchmark::RegisterBenchmark(c.bench_name.c_str(),
+                                     [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })
             ->UseManualTime()
             ->Unit(benchmark::kMicrosecond)
             ->Iterations(1)
             ->Repetitions(reps)
             ->ReportAggregatesOnly(true)
-            ->ComputeStatistics("min", [](const std::vector<double> &v) { return *std::min_element(v.begin(), v.end()); });
+            ->ComputeStatistics("min", [](const std::vector<double> &v) {
+                return *std::min_element(v.begin(), v.end());
+            });
     }
 
     Reporter reporter(suite);
@@ -679,6 +738,7 @@ int main(int argc, char **argv) {
     int failed = 0;
     for (const auto &[bench_name, r] : suite.results)
         if (r.check.rfind("FAIL", 0) == 0) failed++;
-    if (failed) std::fprintf(stderr, "bench_batch_norm: %d case(s) failed the sanity check\n", failed);
+    if (failed)
+        std::fprintf(stderr, "bench_batch_norm: %d case(s) failed the sanity check\n", failed);
     return failed ? 1 : 0;
 }

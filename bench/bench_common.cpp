@@ -14,18 +14,24 @@ namespace bench {
 
 const char *name(Op op) {
     switch (op) {
-    case Op::fwd_train: return "fwd_train";
-    case Op::fwd_infer: return "fwd_infer";
-    case Op::bwd_train: return "bwd_train";
+        case Op::fwd_train:
+            return "fwd_train";
+        case Op::fwd_infer:
+            return "fwd_infer";
+        case Op::bwd_train:
+            return "bwd_train";
     }
     return "?";
 }
 const char *name(Format format) { return format == Format::contig ? "contig" : "cl"; }
 const char *name(ImplKind impl) {
     switch (impl) {
-    case ImplKind::normgen: return "normgen";
-    case ImplKind::onednn: return "onednn";
-    case ImplKind::torch: return "torch";
+        case ImplKind::normgen:
+            return "normgen";
+        case ImplKind::onednn:
+            return "onednn";
+        case ImplKind::torch:
+            return "torch";
     }
     return "?";
 }
@@ -46,7 +52,8 @@ std::string Problem::shape() const {
 
 Buffer::Buffer(size_t count) : count_(count) {
     constexpr size_t kHuge = size_t(2) << 20;
-    const size_t bytes = std::max<size_t>((count * sizeof(float) + kHuge - 1) / kHuge * kHuge, kHuge);
+    const size_t bytes =
+        std::max<size_t>((count * sizeof(float) + kHuge - 1) / kHuge * kHuge, kHuge);
     data_ = static_cast<float *>(std::aligned_alloc(kHuge, bytes));
     if (!data_) throw std::bad_alloc();
     madvise(data_, bytes, MADV_HUGEPAGE);
@@ -79,13 +86,17 @@ static float uniform(uint64_t seed, uint64_t index) {
 }
 
 Inputs::Inputs(const Problem &p)
-    : x(p.numel()), dy(p.numel()), weight(p.c()), bias(p.c()), running_mean(p.c()),
+    : x(p.numel()),
+      dy(p.numel()),
+      weight(p.c()),
+      bias(p.c()),
+      running_mean(p.c()),
       running_var(p.c()) {
     const int64_t N = p.n(), C = p.c(), S = p.s();
     std::vector<float> mu(C), sigma(C);
     for (int64_t c = 0; c < C; c++) {
-        mu[c] = 2.0f * uniform(1, c);                 // channel means in [-2, 2)
-        sigma[c] = 1.25f + 0.75f * uniform(2, c);     // channel stds in [0.5, 2)
+        mu[c] = 2.0f * uniform(1, c);              // channel means in [-2, 2)
+        sigma[c] = 1.25f + 0.75f * uniform(2, c);  // channel stds in [0.5, 2)
         weight[c] = 1.0f + 0.5f * uniform(3, c);
         bias[c] = 0.5f * uniform(4, c);
         running_mean[c] = mu[c] + 0.1f * uniform(5, c);
@@ -154,10 +165,12 @@ std::string check(Op op, const Problem &p, const Outputs &oracle, const Outputs 
     *max_err = 0.0;
     auto compare = [&](const char *what, const float *ref, const float *got, int64_t n,
                        double tol) {
-        if (!ref || !got) return;  // not produced by this implementation (e.g. oneDNN's running stats)
+        if (!ref || !got)
+            return;  // not produced by this implementation (e.g. oneDNN's running stats)
         const double e = normalised_error(ref, got, n);
         *max_err = std::max(*max_err, e);
-        if (!(e <= tol)) why << (why.tellp() > 0 ? "; " : "") << what << " error " << e << " > " << tol;
+        if (!(e <= tol))
+            why << (why.tellp() > 0 ? "; " : "") << what << " error " << e << " > " << tol;
     };
     auto compare_vec = [&](const char *what, const std::vector<float> &ref,
                            const std::vector<float> &got, double tol) {
@@ -168,24 +181,24 @@ std::string check(Op op, const Problem &p, const Outputs &oracle, const Outputs 
     // 400k values differ by summation order. The tolerances catch wrong results, not ulps.
     constexpr double kElementwise = 1e-4, kReduction = 1e-3;
     switch (op) {
-    case Op::fwd_infer:
-        if (!out.y_infer) return "no output";
-        compare("y", oracle.y_infer, out.y_infer, p.numel(), kElementwise);
-        break;
-    case Op::fwd_train:
-        if (!out.y_train) return "no output";
-        compare("y", oracle.y_train, out.y_train, p.numel(), kElementwise);
-        compare_vec("save_mean", oracle.save_mean, out.save_mean, kElementwise);
-        compare_vec("save_invstd", oracle.save_invstd, out.save_invstd, kElementwise);
-        compare_vec("running_mean", oracle.running_mean, out.running_mean, kElementwise);
-        compare_vec("running_var", oracle.running_var, out.running_var, kElementwise);
-        break;
-    case Op::bwd_train:
-        if (!out.dx) return "no output";
-        compare("dx", oracle.dx, out.dx, p.numel(), kElementwise);
-        compare_vec("dweight", oracle.dweight, out.dweight, kReduction);
-        compare_vec("dbias", oracle.dbias, out.dbias, kReduction);
-        break;
+        case Op::fwd_infer:
+            if (!out.y_infer) return "no output";
+            compare("y", oracle.y_infer, out.y_infer, p.numel(), kElementwise);
+            break;
+        case Op::fwd_train:
+            if (!out.y_train) return "no output";
+            compare("y", oracle.y_train, out.y_train, p.numel(), kElementwise);
+            compare_vec("save_mean", oracle.save_mean, out.save_mean, kElementwise);
+            compare_vec("save_invstd", oracle.save_invstd, out.save_invstd, kElementwise);
+            compare_vec("running_mean", oracle.running_mean, out.running_mean, kElementwise);
+            compare_vec("running_var", oracle.running_var, out.running_var, kElementwise);
+            break;
+        case Op::bwd_train:
+            if (!out.dx) return "no output";
+            compare("dx", oracle.dx, out.dx, p.numel(), kElementwise);
+            compare_vec("dweight", oracle.dweight, out.dweight, kReduction);
+            compare_vec("dbias", oracle.dbias, out.dbias, kReduction);
+            break;
     }
     return why.str();
 }

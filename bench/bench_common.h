@@ -32,7 +32,7 @@ struct Problem {
 
     int64_t n() const { return dims[0]; }
     int64_t c() const { return dims[1]; }
-    int64_t s() const;       // product of the spatial extents (1 for BatchNorm1d on (N, C))
+    int64_t s() const;  // product of the spatial extents (1 for BatchNorm1d on (N, C))
     int64_t numel() const { return n() * c() * s(); }
     std::string shape() const;  // "32x64x56x56"
     // Physical offset of logical element (n, c, s) in this format.
@@ -49,7 +49,10 @@ public:
     Buffer() = default;
     explicit Buffer(size_t count);
     ~Buffer();
-    Buffer(Buffer &&o) noexcept : data_(o.data_), count_(o.count_) { o.data_ = nullptr; o.count_ = 0; }
+    Buffer(Buffer &&o) noexcept : data_(o.data_), count_(o.count_) {
+        o.data_ = nullptr;
+        o.count_ = 0;
+    }
     Buffer &operator=(Buffer &&o) noexcept;
     Buffer(const Buffer &) = delete;
     Buffer &operator=(const Buffer &) = delete;
@@ -65,9 +68,9 @@ private:
 // Inputs shared by every implementation. Values depend only on the logical index, so both
 // formats hold the same logical tensor.
 struct Inputs {
-    Buffer x, dy;                          // numel each
-    Buffer weight, bias;                   // C each
-    Buffer running_mean, running_var;      // C each: the running stats before any step
+    Buffer x, dy;                      // numel each
+    Buffer weight, bias;               // C each
+    Buffer running_mean, running_var;  // C each: the running stats before any step
     explicit Inputs(const Problem &p);
 };
 

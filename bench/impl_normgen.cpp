@@ -1,10 +1,10 @@
 // normgen through its C API, as an ML compiler would call it: one plan per op, created once.
-#include "bench_common.h"
-
 #include <normgen/normgen.h>
 
 #include <cstring>
 #include <stdexcept>
+
+#include "bench_common.h"
 
 namespace bench {
 namespace {
@@ -12,12 +12,20 @@ namespace {
 class NormgenImpl final : public Impl {
 public:
     NormgenImpl(const Problem &p, const Inputs &in)
-        : Impl(p, in), save_mean_(p.c()), save_invstd_(p.c()), running_mean_(p.c()),
-          running_var_(p.c()), dweight_(p.c()), dbias_(p.c()) {
+        : Impl(p, in),
+          save_mean_(p.c()),
+          save_invstd_(p.c()),
+          running_mean_(p.c()),
+          running_var_(p.c()),
+          dweight_(p.c()),
+          dbias_(p.c()) {
         if (ng_runtime_open(nullptr, &rt_) != NG_OK)
             throw std::runtime_error(std::string("ng_runtime_open: ") + ng_last_error());
-        ng_tensor t{static_cast<int32_t>(p.dims.size()), {0, 0, 0, 0, 0},
-                    p.format == Format::contig ? NG_CONTIGUOUS : NG_CHANNELS_LAST, NG_F32, NG_CPU};
+        ng_tensor t{static_cast<int32_t>(p.dims.size()),
+                    {0, 0, 0, 0, 0},
+                    p.format == Format::contig ? NG_CONTIGUOUS : NG_CHANNELS_LAST,
+                    NG_F32,
+                    NG_CPU};
         for (size_t i = 0; i < p.dims.size(); i++) t.shape[i] = p.dims[i];
         for (Op op : {Op::fwd_train, Op::fwd_infer, Op::bwd_train}) {
             ng_batch_norm_params params = ng_batch_norm_params_default();
@@ -47,22 +55,23 @@ public:
         ng_plan *plan = plans_[int(op)];
         ng_status status = NG_OK;
         switch (op) {
-        case Op::fwd_train:
-            status = ng_batch_norm_forward(plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(),
-                                           in_.bias.data(), running_mean_.data(), running_var_.data(),
-                                           &num_batches_tracked_, save_mean_.data(), save_invstd_.data());
-            break;
-        case Op::fwd_infer:
-            status = ng_batch_norm_forward(plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(),
-                                           in_.bias.data(), running_mean_.data(), running_var_.data(),
-                                           nullptr, nullptr, nullptr);
-            break;
-        case Op::bwd_train:
-            status = ng_batch_norm_backward(plan, in_.x.data(), in_.dy.data(), nullptr, in_.weight.data(),
-                                            nullptr, running_mean_.data(), running_var_.data(),
-                                            save_mean_.data(), save_invstd_.data(), dx_.data(),
-                                            dweight_.data(), dbias_.data(), nullptr);
-            break;
+            case Op::fwd_train:
+                status = ng_batch_norm_forward(
+                    plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(), in_.bias.data(),
+                    running_mean_.data(), running_var_.data(), &num_batches_tracked_,
+                    save_mean_.data(), save_invstd_.data());
+                break;
+            case Op::fwd_infer:
+                status = ng_batch_norm_forward(
+                    plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(), in_.bias.data(),
+                    running_mean_.data(), running_var_.data(), nullptr, nullptr, nullptr);
+                break;
+            case Op::bwd_train:
+                status = ng_batch_norm_backward(
+                    plan, in_.x.data(), in_.dy.data(), nullptr, in_.weight.data(), nullptr,
+                    running_mean_.data(), running_var_.data(), save_mean_.data(),
+                    save_invstd_.data(), dx_.data(), dweight_.data(), dbias_.data(), nullptr);
+                break;
         }
         if (status != NG_OK)
             throw std::runtime_error(std::string(ng_status_name(status)) + ": " + ng_last_error());
@@ -77,7 +86,9 @@ public:
 
 protected:
     void collect(Outputs &out) const override {
-        auto vec = [&](const Buffer &b) { return std::vector<float>(b.data(), b.data() + problem_.c()); };
+        auto vec = [&](const Buffer &b) {
+            return std::vector<float>(b.data(), b.data() + problem_.c());
+        };
         if (out.y_train) {
             out.save_mean = vec(save_mean_);
             out.save_invstd = vec(save_invstd_);

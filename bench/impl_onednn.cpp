@@ -4,12 +4,11 @@
 // oneDNN is stateless: forward training writes the batch mean and (biased) variance but does not
 // update running statistics (a framework does that, O(C) work); backward takes the variance,
 // not 1/sqrt(var + eps), so it consumes its own forward's outputs.
-#include "bench_common.h"
-
-#include <oneapi/dnnl/dnnl.hpp>
-
 #include <cmath>
 #include <map>
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "bench_common.h"
 
 namespace bench {
 namespace {
@@ -21,8 +20,14 @@ using flags = dnnl::normalization_flags;
 class OnednnImpl final : public Impl {
 public:
     OnednnImpl(const Problem &p, const Inputs &in)
-        : Impl(p, in), eng_(dnnl::engine::kind::cpu, 0), stream_(eng_), mean_(p.c()),
-          variance_(p.c()), running_mean_(p.c()), running_var_(p.c()), dscale_(p.c()),
+        : Impl(p, in),
+          eng_(dnnl::engine::kind::cpu, 0),
+          stream_(eng_),
+          mean_(p.c()),
+          variance_(p.c()),
+          running_mean_(p.c()),
+          running_var_(p.c()),
+          dscale_(p.c()),
           dshift_(p.c()) {
         // (N, C): oneDNN 2.6 sends 'nc' to its generic ncsp_bnorm:any (about 100x slower than
         // its JIT kernel here), so describe the same memory as (N, C, 1, 1) nhwc.
@@ -39,10 +44,9 @@ public:
         using bwd = dnnl::batch_normalization_backward;
         const fwd::primitive_desc train_pd(
             fwd::desc(dnnl::prop_kind::forward_training, data_md, float(kEps), affine), attr, eng_);
-        const fwd::primitive_desc infer_pd(
-            fwd::desc(dnnl::prop_kind::forward_inference, data_md, float(kEps),
-                      affine | flags::use_global_stats),
-            attr, eng_);
+        const fwd::primitive_desc infer_pd(fwd::desc(dnnl::prop_kind::forward_inference, data_md,
+                                                     float(kEps), affine | flags::use_global_stats),
+                                           attr, eng_);
         const bwd::primitive_desc bwd_pd(
             bwd::desc(dnnl::prop_kind::backward, data_md, data_md, float(kEps), affine), attr, eng_,
             train_pd);
@@ -54,15 +58,25 @@ public:
         const memory scale = mem(c_md, in.weight.data()), shift = mem(c_md, in.bias.data());
         const memory mean = mem(c_md, mean_.data()), var = mem(c_md, variance_.data());
         setup(Op::fwd_train, train_pd, train_pd.scratchpad_desc(), train_pd.workspace_desc(),
-              {{DNNL_ARG_SRC, x}, {DNNL_ARG_DST, y}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
-               {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var}});
+              {{DNNL_ARG_SRC, x},
+               {DNNL_ARG_DST, y},
+               {DNNL_ARG_SCALE, scale},
+               {DNNL_ARG_SHIFT, shift},
+               {DNNL_ARG_MEAN, mean},
+               {DNNL_ARG_VARIANCE, var}});
         setup(Op::fwd_infer, infer_pd, infer_pd.scratchpad_desc(), infer_pd.workspace_desc(),
-              {{DNNL_ARG_SRC, x}, {DNNL_ARG_DST, y}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
+              {{DNNL_ARG_SRC, x},
+               {DNNL_ARG_DST, y},
+               {DNNL_ARG_SCALE, scale},
+               {DNNL_ARG_SHIFT, shift},
                {DNNL_ARG_MEAN, mem(c_md, running_mean_.data())},
                {DNNL_ARG_VARIANCE, mem(c_md, running_var_.data())}});
         setup(Op::bwd_train, bwd_pd, bwd_pd.scratchpad_desc(), bwd_pd.workspace_desc(),
-              {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, mem(data_md, in.dy.data())},
-               {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_SCALE, scale},
+              {{DNNL_ARG_SRC, x},
+               {DNNL_ARG_DIFF_DST, mem(data_md, in.dy.data())},
+               {DNNL_ARG_MEAN, mean},
+               {DNNL_ARG_VARIANCE, var},
+               {DNNL_ARG_SCALE, scale},
                {DNNL_ARG_SHIFT, shift},  // 2.6's backward asks for it (unused without ReLU)
                {DNNL_ARG_DIFF_SRC, mem(data_md, dx_.data())},
                {DNNL_ARG_DIFF_SCALE, mem(c_md, dscale_.data())},
@@ -103,8 +117,10 @@ protected:
 private:
     // nc(d)(h)w or n(d)(h)wc (2-D inputs are handled by the caller).
     static tag data_format(const Problem &p) {
-        static const tag contig[] = {tag::undef, tag::undef, tag::nc, tag::ncw, tag::nchw, tag::ncdhw};
-        static const tag last[] = {tag::undef, tag::undef, tag::nc, tag::nwc, tag::nhwc, tag::ndhwc};
+        static const tag contig[] = {tag::undef, tag::undef, tag::nc,
+                                     tag::ncw,   tag::nchw,  tag::ncdhw};
+        static const tag last[] = {tag::undef, tag::undef, tag::nc,
+                                   tag::nwc,   tag::nhwc,  tag::ndhwc};
         return (p.format == Format::contig ? contig : last)[p.dims.size()];
     }
 

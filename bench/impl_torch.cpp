@@ -30,7 +30,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/batch_norm.h>
-
 #include <omp.h>
 
 #include <cmath>
@@ -71,8 +70,14 @@ at::Tensor wrap_c(const Problem &p, const float *data) {
 class TorchImpl final : public Impl {
 public:
     TorchImpl(const Problem &p, const Inputs &in)
-        : Impl(p, in), save_mean_(p.c()), save_invstd_(p.c()), var_sum_(p.c()),
-          running_mean_(p.c()), running_var_(p.c()), dweight_(p.c()), dbias_(p.c()) {
+        : Impl(p, in),
+          save_mean_(p.c()),
+          save_invstd_(p.c()),
+          var_sum_(p.c()),
+          running_mean_(p.c()),
+          running_var_(p.c()),
+          dweight_(p.c()),
+          dbias_(p.c()) {
         x_ = wrap(p, in.x.data());
         dy_ = wrap(p, in.dy.data());
         y_t_ = wrap(p, y_.data());
@@ -92,9 +97,12 @@ public:
     std::string unavailable(Op) const override { return ""; }
     std::string kernel(Op op) const override {
         switch (op) {
-        case Op::fwd_train: return "aten:collect_stats+batch_norm_cpu_stub";
-        case Op::fwd_infer: return "aten:batch_norm_cpu_stub";
-        case Op::bwd_train: return "aten:batch_norm_cpu_backward_stub";
+            case Op::fwd_train:
+                return "aten:collect_stats+batch_norm_cpu_stub";
+            case Op::fwd_infer:
+                return "aten:batch_norm_cpu_stub";
+            case Op::bwd_train:
+                return "aten:batch_norm_cpu_backward_stub";
         }
         return "";
     }
@@ -102,34 +110,36 @@ public:
     void run(Op op) override {
         using namespace at::native;
         switch (op) {
-        case Op::fwd_train: {
-            batch_norm_cpu_collect_stats_stub(at::kCPU, save_mean_t_, var_sum_t_, x_);
-            const int64_t C = problem_.c(), M = problem_.numel() / C;
-            float *mean = save_mean_.data(), *var_sum = var_sum_.data(), *invstd = save_invstd_.data();
-            float *rm = running_mean_.data(), *rv = running_var_.data();
-            // As batch_norm_cpu_update_stats_template: float sums, double (acc_type) transform.
-            at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-                for (int64_t c = begin; c < end; c++) {
-                    const double var = var_sum[c] / M;
-                    invstd[c] = (var == 0.0 && kEps == 0.0) ? 0.0f : float(1.0 / std::sqrt(var + kEps));
-                    rm[c] = float(kMomentum * mean[c] + (1 - kMomentum) * rm[c]);
-                    const double unbiased = var_sum[c] / (M - 1);
-                    rv[c] = float(kMomentum * unbiased + (1 - kMomentum) * rv[c]);
-                }
-            });
-            batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, save_mean_t_, save_invstd_t_,
-                                running_mean_t_, running_var_t_, true, kEps);
-            break;
-        }
-        case Op::fwd_infer:
-            batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, empty_, empty_, running_mean_t_,
-                                running_var_t_, false, kEps);
-            break;
-        case Op::bwd_train:
-            batch_norm_cpu_backward_stub(at::kCPU, dx_t_, dweight_t_, dbias_t_, dy_, x_, weight_,
-                                         running_mean_t_, running_var_t_, save_mean_t_,
-                                         save_invstd_t_, true, kEps);
-            break;
+            case Op::fwd_train: {
+                batch_norm_cpu_collect_stats_stub(at::kCPU, save_mean_t_, var_sum_t_, x_);
+                const int64_t C = problem_.c(), M = problem_.numel() / C;
+                float *mean = save_mean_.data(), *var_sum = var_sum_.data(),
+                      *invstd = save_invstd_.data();
+                float *rm = running_mean_.data(), *rv = running_var_.data();
+                // As batch_norm_cpu_update_stats_template: float sums, double (acc_type) transform.
+                at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+                    for (int64_t c = begin; c < end; c++) {
+                        const double var = var_sum[c] / M;
+                        invstd[c] =
+                            (var == 0.0 && kEps == 0.0) ? 0.0f : float(1.0 / std::sqrt(var + kEps));
+                        rm[c] = float(kMomentum * mean[c] + (1 - kMomentum) * rm[c]);
+                        const double unbiased = var_sum[c] / (M - 1);
+                        rv[c] = float(kMomentum * unbiased + (1 - kMomentum) * rv[c]);
+                    }
+                });
+                batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, save_mean_t_,
+                                    save_invstd_t_, running_mean_t_, running_var_t_, true, kEps);
+                break;
+            }
+            case Op::fwd_infer:
+                batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, empty_, empty_,
+                                    running_mean_t_, running_var_t_, false, kEps);
+                break;
+            case Op::bwd_train:
+                batch_norm_cpu_backward_stub(at::kCPU, dx_t_, dweight_t_, dbias_t_, dy_, x_,
+                                             weight_, running_mean_t_, running_var_t_, save_mean_t_,
+                                             save_invstd_t_, true, kEps);
+                break;
         }
     }
 
@@ -141,7 +151,9 @@ public:
 
 protected:
     void collect(Outputs &out) const override {
-        auto vec = [&](const Buffer &b) { return std::vector<float>(b.data(), b.data() + problem_.c()); };
+        auto vec = [&](const Buffer &b) {
+            return std::vector<float>(b.data(), b.data() + problem_.c());
+        };
         if (out.y_train) {
             out.save_mean = vec(save_mean_);
             out.save_invstd = vec(save_invstd_);
@@ -164,7 +176,8 @@ private:
 const float *keep(const Problem &p, const at::Tensor &t, std::vector<Buffer> &storage) {
     storage.emplace_back(static_cast<size_t>(t.numel()));
     const float *data = storage.back().data();
-    if (t.dim() == static_cast<int64_t>(p.dims.size()) && t.size(1) == p.c() && t.numel() == p.numel())
+    if (t.dim() == static_cast<int64_t>(p.dims.size()) && t.size(1) == p.c() &&
+        t.numel() == p.numel())
         wrap(p, data).copy_(t);
     else
         at::from_blob(const_cast<float *>(data), t.sizes(), at::kFloat).copy_(t.contiguous());
@@ -186,9 +199,10 @@ Outputs torch_oracle(const Problem &p, const Inputs &in, std::vector<Buffer> &st
     Outputs o;
     const at::Tensor x = wrap(p, in.x.data()), dy = wrap(p, in.dy.data());
     const at::Tensor w = wrap_c(p, in.weight.data()), b = wrap_c(p, in.bias.data());
-    const at::Tensor rm0 = wrap_c(p, in.running_mean.data()), rv0 = wrap_c(p, in.running_var.data());
-    o.y_infer = keep(p, std::get<0>(at::native_batch_norm(x, w, b, rm0, rv0, false, kMomentum, kEps)),
-                     storage);
+    const at::Tensor rm0 = wrap_c(p, in.running_mean.data()),
+                     rv0 = wrap_c(p, in.running_var.data());
+    o.y_infer = keep(
+        p, std::get<0>(at::native_batch_norm(x, w, b, rm0, rv0, false, kMomentum, kEps)), storage);
     at::Tensor rm = rm0.clone(), rv = rv0.clone();
     const auto train = at::native_batch_norm(x, w, b, rm, rv, true, kMomentum, kEps);
     o.y_train = keep(p, std::get<0>(train), storage);
@@ -196,9 +210,8 @@ Outputs torch_oracle(const Problem &p, const Inputs &in, std::vector<Buffer> &st
     o.save_invstd = vec(std::get<2>(train));
     o.running_mean = vec(rm);
     o.running_var = vec(rv);
-    const auto grads = at::native_batch_norm_backward(dy, x, w, rm, rv, std::get<1>(train),
-                                                      std::get<2>(train), true, kEps,
-                                                      {true, true, true});
+    const auto grads = at::native_batch_norm_backward(
+        dy, x, w, rm, rv, std::get<1>(train), std::get<2>(train), true, kEps, {true, true, true});
     o.dx = keep(p, std::get<0>(grads), storage);
     o.dweight = vec(std::get<1>(grads));
     o.dbias = vec(std::get<2>(grads));
