@@ -42,6 +42,7 @@ public:
 
     void generate() {
         NormPipeline p(layout);
+        p.out = Func("dx");
         p.channels = x.dim(p.view.channel_dim()).extent();
         const Var &c = p.view.c;
         auto f64 = [](Expr e) { return cast<double>(e); };

@@ -43,6 +43,7 @@ public:
 
     void generate() {
         NormPipeline p(layout);
+        p.out = Func("y");
         p.channels = x.dim(p.view.channel_dim()).extent();
         const Var &c = p.view.c;
         auto f64 = [](Expr e) { return cast<double>(e); };
@@ -62,7 +63,10 @@ public:
 
             Expr count = f64(spatial) * f64(batch);
             Expr mean_minus_shift = p.sums(c)[0] / count;
-            Expr var = max(p.sums(c)[1] / count - mean_minus_shift * mean_minus_shift, f64(0));
+            // Clamped at 0 against rounding; a NaN must stay NaN (as in PyTorch), but x86's max
+            // drops it and Halide assumes no NaNs unless told: strict_float keeps the test.
+            Expr raw_var = p.sums(c)[1] / count - mean_minus_shift * mean_minus_shift;
+            Expr var = strict_float(select(is_nan(raw_var), raw_var, max(raw_var, f64(0))));
             Expr invstd = f64(1) / sqrt(var + eps);
             Expr scale = invstd * f64(weight(c));
             p.coeffs = Func("coeffs");

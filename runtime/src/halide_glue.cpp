@@ -8,13 +8,18 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 
 namespace ng {
 
 namespace {
 
+// Halide reports errors on the thread that hit them, which may be a pool worker: keep the last
+// message per thread and, for the caller's thread to find, process-wide.
 thread_local std::string g_halide_error;
+std::mutex g_shared_error_mutex;
+std::string g_shared_error;
 
 struct HostParallelFor {
     ng_parallel_for_fn fn;
@@ -32,7 +37,11 @@ int thread_cap() {
     return cap;
 }
 
-void on_halide_error(void *, const char *message) { g_halide_error = message ? message : ""; }
+void on_halide_error(void *, const char *message) {
+    g_halide_error = message ? message : "";
+    std::lock_guard<std::mutex> lock(g_shared_error_mutex);
+    g_shared_error = g_halide_error;
+}
 
 struct HalideTask {
     halide_task_t task;
@@ -79,14 +88,23 @@ void install_halide_hooks() {
 std::string take_halide_error() {
     std::string message;
     message.swap(g_halide_error);
-    return message;
+    std::lock_guard<std::mutex> lock(g_shared_error_mutex);
+    if (message.empty()) message = g_shared_error;
+    g_shared_error.clear();
+    return message.empty() ? "(no message)" : message;
 }
 
 }  // namespace ng
 
 extern "C" void ng_set_parallel_for(ng_parallel_for_fn parallel_for, void *host_context) {
-    // Hooks are few and set once in a process's life; the old one is kept alive (leaked) so a
-    // kernel running concurrently on another thread never sees freed memory.
-    const auto *hook = parallel_for ? new ng::HostParallelFor{parallel_for, host_context} : nullptr;
+    // Hooks are few in a process's life; every one is kept until exit so that a kernel running
+    // concurrently on another thread never reads a freed hook.
+    static std::mutex mutex;
+    static std::deque<ng::HostParallelFor> hooks;
+    const ng::HostParallelFor *hook = nullptr;
+    if (parallel_for) {
+        std::lock_guard<std::mutex> lock(mutex);
+        hook = &hooks.emplace_back(ng::HostParallelFor{parallel_for, host_context});
+    }
     ng::g_host_parallel_for.store(hook, std::memory_order_release);
 }

@@ -28,6 +28,16 @@ Role role_named(const std::string &name) {
     fail(NG_INTERNAL, "kernel argument '", name, "' has no role");  // filtered at package open
 }
 
+// The integer a C caller stored in an enum field: any value is possible there, and loading it
+// as the enum type would be undefined behaviour.
+template <typename Enum>
+int raw_value(const Enum &field) {
+    static_assert(sizeof(Enum) == sizeof(int));
+    int value;
+    std::memcpy(&value, &field, sizeof value);
+    return value;
+}
+
 std::string shape_string(const ng_tensor &x) {
     std::ostringstream os;
     os << "[";
@@ -50,7 +60,8 @@ void validate_tensor(const ng_tensor *x) {
             fail(NG_INVALID_ARGUMENT, "x.shape = ", shape_string(*x),
                  ": the element count overflows int64");
     }
-    const int format = x->format, dtype = x->dtype, device = x->device;
+    const int format = raw_value(x->format), dtype = raw_value(x->dtype),
+              device = raw_value(x->device);
     if (format != NG_CONTIGUOUS && format != NG_CHANNELS_LAST)
         fail(NG_INVALID_ARGUMENT, "x.format = ", format,
              ": expected NG_CONTIGUOUS (0) or NG_CHANNELS_LAST (1)");
@@ -76,7 +87,7 @@ void validate_params(const ng_batch_norm_params *p) {
                            {"training", p->training},
                            {"residual", p->residual}})
         if (v != 0 && v != 1) fail(NG_INVALID_ARGUMENT, "params.", name, " = ", v, ": must be 0 or 1");
-    const int act = p->activation;
+    const int act = raw_value(p->activation);
     if (act != NG_ACT_NONE && act != NG_ACT_RELU)
         fail(NG_INVALID_ARGUMENT, "params.activation = ", act,
              ": expected NG_ACT_NONE (0) or NG_ACT_RELU (1)");
@@ -157,7 +168,7 @@ std::string describe_request(const ng_plan &p) {
 ng_plan *create_plan(ng_runtime *rt, ng_op op, const ng_tensor *x,
                      const ng_batch_norm_params *params) {
     if (!rt) fail(NG_INVALID_ARGUMENT, "runtime: NULL");
-    const int op_value = op;
+    const int op_value = raw_value(op);
     if (op_value != NG_OP_FORWARD && op_value != NG_OP_BACKWARD)
         fail(NG_INVALID_ARGUMENT, "op = ", op_value,
              ": expected NG_OP_FORWARD (0) or NG_OP_BACKWARD (1)");

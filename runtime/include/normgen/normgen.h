@@ -112,14 +112,15 @@ NG_API ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void 
  * without running stats) it uses save_mean/save_invstd from the forward pass; in eval with
  * running stats it uses running_mean/running_var.
  *  dx: required.  dweight, dbias: C floats, may be NULL (not computed for the caller).
- *  bias, z, dz: for fused variants; must be NULL while params.activation/residual are off. */
+ *  bias: unused until the fused ReLU backward needs it (it may be passed, or NULL).
+ *  z, dz: for the residual form; must be NULL while params.residual is off. */
 NG_API ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy,
                                         const void *z, const float *weight, const float *bias,
                                         const float *running_mean, const float *running_var,
                                         const float *save_mean, const float *save_invstd, void *dx,
                                         float *dweight, float *dbias, void *dz);
 
-/* Message of the last failed call on this thread ("" if none). */
+/* Message of the last call on this thread that returned a status: "" if it succeeded. */
 NG_API const char *ng_last_error(void);
 NG_API const char *ng_status_name(ng_status status);
 
