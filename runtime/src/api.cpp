@@ -111,10 +111,11 @@ const char *ng_runtime_describe(const ng_runtime *runtime) {
 
 ng_status ng_plan_create(ng_runtime *runtime, ng_op op, const ng_tensor *x,
                          const ng_batch_norm_params *params, ng_plan **out_plan) {
+    const int op_value = ng::raw_value(op);
     return guarded([&] {
         require(out_plan, "out_plan", "the plan is returned through it");
         *out_plan = nullptr;
-        *out_plan = ng::create_plan(runtime, op, x, params);
+        *out_plan = ng::create_plan(runtime, op_value, x, params);
     });
 }
 

@@ -5,6 +5,7 @@
 
 #include "normgen/normgen.h"
 
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -27,6 +28,16 @@ template <typename... Parts>
     std::ostringstream os;
     (os << ... << std::forward<Parts>(parts));
     throw Error(status, os.str());
+}
+
+// The integer a C caller stored in an enum-typed field or parameter: any value is possible
+// there, and loading it as the enum type would be undefined behaviour.
+template <typename Enum>
+int raw_value(const Enum &field) {
+    static_assert(sizeof(Enum) == sizeof(int));
+    int value;
+    std::memcpy(&value, &field, sizeof value);
+    return value;
 }
 
 void set_last_error(const std::string &message);

@@ -28,16 +28,6 @@ Role role_named(const std::string &name) {
     fail(NG_INTERNAL, "kernel argument '", name, "' has no role");  // filtered at package open
 }
 
-// The integer a C caller stored in an enum field: any value is possible there, and loading it
-// as the enum type would be undefined behaviour.
-template <typename Enum>
-int raw_value(const Enum &field) {
-    static_assert(sizeof(Enum) == sizeof(int));
-    int value;
-    std::memcpy(&value, &field, sizeof value);
-    return value;
-}
-
 std::string shape_string(const ng_tensor &x) {
     std::ostringstream os;
     os << "[";
@@ -165,13 +155,13 @@ std::string describe_request(const ng_plan &p) {
 
 }  // namespace
 
-ng_plan *create_plan(ng_runtime *rt, ng_op op, const ng_tensor *x,
+ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
                      const ng_batch_norm_params *params) {
     if (!rt) fail(NG_INVALID_ARGUMENT, "runtime: NULL");
-    const int op_value = raw_value(op);
     if (op_value != NG_OP_FORWARD && op_value != NG_OP_BACKWARD)
         fail(NG_INVALID_ARGUMENT, "op = ", op_value,
              ": expected NG_OP_FORWARD (0) or NG_OP_BACKWARD (1)");
+    const ng_op op = static_cast<ng_op>(op_value);
     validate_tensor(x);
     validate_params(params);
     check_device(*x);

@@ -48,6 +48,7 @@ struct ng_plan {
 };
 
 namespace ng {
-ng_plan *create_plan(ng_runtime *rt, ng_op op, const ng_tensor *x,
+// op: the caller's raw ng_op value (validated here).
+ng_plan *create_plan(ng_runtime *rt, int op, const ng_tensor *x,
                      const ng_batch_norm_params *params);
 }  // namespace ng
