@@ -2,7 +2,8 @@
 # per target plus manifest.json, in ${NORMGEN_PACKAGE_DIR}. Variants are listed once, here.
 #
 # A kernel's name is its key everywhere (symbol, manifest, benchmark rows):
-#   <family>_<dtype>_<layout>_<isa>[_n<N>_c<C>_s<S>]      e.g. bn_fwd_train_f32_contig_avx512
+#   <family>_<dtype>_<layout>[_<fusion>]_<isa>[_n<N>_c<C>_s<S>]
+#   e.g. bn_fwd_train_f32_contig_avx512, bn_bwd_train_bf16_cl_addrelu_avx2
 
 # family | generator | generator params | op | statistics it normalises with
 set(NORMGEN_FAMILIES
@@ -11,14 +12,32 @@ set(NORMGEN_FAMILIES
     "bn_bwd_train|batch_norm_backward|mode=training|backward|batch"
     "bn_bwd_eval|batch_norm_backward|mode=eval|backward|running")
 set(NORMGEN_LAYOUTS contig cl)
+set(NORMGEN_DTYPES f32 f16 bf16)
+# fusion | generator params | activation | residual   ("" = plain BatchNorm)
+set(NORMGEN_FUSIONS
+    "|activation=none residual=false|none|false"
+    "relu|activation=relu residual=false|relu|false"
+    "add|activation=none residual=true|none|true"
+    "addrelu|activation=relu residual=true|relu|true")
 # isa | architecture | Halide target (without no_runtime) — ordered baseline first
 set(NORMGEN_X86_ISAS
     "sse41|x86-64|x86-64-linux-sse41"
     "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c"
     "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake")
+# Exact-shape kernels: by default plain f32 for the best x86 ISA; the full set specialises every
+# dtype and fusion for every ISA.
 set(NORMGEN_SPECIALISED_ISAS avx512)
+set(NORMGEN_SPECIALISED_VARIANTS "f32|")
 if (NORMGEN_FULL_KERNELS)
     set(NORMGEN_SPECIALISED_ISAS sse41 avx2 avx512)
+    set(NORMGEN_SPECIALISED_VARIANTS "")
+    foreach (dtype IN LISTS NORMGEN_DTYPES)
+        foreach (fusion_spec IN LISTS NORMGEN_FUSIONS)
+            string(REPLACE "|" ";" fusion_fields "${fusion_spec}")
+            list(GET fusion_fields 0 fusion)
+            list(APPEND NORMGEN_SPECIALISED_VARIANTS "${dtype}|${fusion}")
+        endforeach ()
+    endforeach ()
 endif ()
 
 # Reads a shape file into canonical keys n<N>_c<C>_s<S> (S = product of the spatial extents).
@@ -60,7 +79,7 @@ endif ()
 normgen_read_shapes("${NORMGEN_SHAPES}" NORMGEN_SHAPE_KEYS)
 
 # Runs the generator once: one object file holding one kernel function.
-function(normgen_generate_kernel name family_spec layout target tuned shape out_object)
+function(normgen_generate_kernel name family_spec variant_params layout target tuned shape out_object)
     string(REPLACE "|" ";" spec "${family_spec}")
     list(GET spec 1 generator)
     list(GET spec 2 params)
@@ -75,7 +94,7 @@ function(normgen_generate_kernel name family_spec layout target tuned shape out_
         OUTPUT "${object}"
         COMMAND normgen_generators -g ${generator} -f ${name} -n ${name} -e ${_emit}
                 -o "${NORMGEN_KERNEL_DIR}" target=${target}-no_runtime
-                ${params} layout=${layout} shape=${shape} ${tuned_arg}
+                ${params} ${variant_params} layout=${layout} shape=${shape} ${tuned_arg}
         DEPENDS normgen_generators ${tuned_dep}
         COMMENT "Generating kernel ${name}"
         VERBATIM)
@@ -83,7 +102,7 @@ function(normgen_generate_kernel name family_spec layout target tuned shape out_
 endfunction()
 
 # Appends one manifest entry (a JSON object) to _manifest_entries in the caller's scope.
-macro(normgen_manifest_entry name family_spec layout isa arch target shape file)
+macro(normgen_manifest_entry name family_spec dtype activation residual layout isa arch target shape file)
     string(REPLACE "|" ";" _spec "${family_spec}")
     list(GET _spec 3 _op)
     list(GET _spec 4 _stats)
@@ -97,7 +116,7 @@ macro(normgen_manifest_entry name family_spec layout isa arch target shape file)
         set(_shape "{\"kind\":\"exact\",\"n\":${CMAKE_MATCH_1},\"c\":${CMAKE_MATCH_2},\"s\":${CMAKE_MATCH_3}}")
     endif ()
     list(APPEND _manifest_entries
-        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"f32\",\"layout\":\"${layout}\",\"activation\":\"none\",\"residual\":false,\"device\":\"cpu\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
+        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"cpu\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
 endmacro()
 
 foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
@@ -109,31 +128,47 @@ foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
     if (NOT EXISTS "${tuned}")
         set(tuned "")
     endif ()
-    set(shapes generic)
-    if (isa IN_LIST NORMGEN_SPECIALISED_ISAS)
-        list(APPEND shapes ${NORMGEN_SHAPE_KEYS})
-    endif ()
     set(library "kernels_${arch}-${isa}")
     set(objects "")
     foreach (family_spec IN LISTS NORMGEN_FAMILIES)
         string(REPLACE "|" ";" spec "${family_spec}")
         list(GET spec 0 family)
-        foreach (layout IN LISTS NORMGEN_LAYOUTS)
-            foreach (shape IN LISTS shapes)
-                set(name "${family}_f32_${layout}_${isa}")
-                if (NOT shape STREQUAL "generic")
-                    # With S = 1 both layouts are one memory layout; the runtime uses channels-last.
-                    if (layout STREQUAL "contig" AND shape MATCHES "_s1$")
-                        continue()
+        foreach (dtype IN LISTS NORMGEN_DTYPES)
+        foreach (fusion_spec IN LISTS NORMGEN_FUSIONS)
+            string(REPLACE "|" ";" fusion_fields "${fusion_spec}")
+            list(GET fusion_fields 0 fusion)
+            list(GET fusion_fields 1 fusion_params)
+            list(GET fusion_fields 2 activation)
+            list(GET fusion_fields 3 residual)
+            separate_arguments(fusion_params)
+            set(fusion_suffix "")
+            if (fusion)
+                set(fusion_suffix "_${fusion}")
+            endif ()
+            set(shapes generic)
+            if (isa IN_LIST NORMGEN_SPECIALISED_ISAS AND "${dtype}|${fusion}" IN_LIST NORMGEN_SPECIALISED_VARIANTS)
+                list(APPEND shapes ${NORMGEN_SHAPE_KEYS})
+            endif ()
+            foreach (layout IN LISTS NORMGEN_LAYOUTS)
+                foreach (shape IN LISTS shapes)
+                    set(name "${family}_${dtype}_${layout}${fusion_suffix}_${isa}")
+                    if (NOT shape STREQUAL "generic")
+                        # With S = 1 both layouts are one memory layout; the runtime uses channels-last.
+                        if (layout STREQUAL "contig" AND shape MATCHES "_s1$")
+                            continue()
+                        endif ()
+                        set(name "${name}_${shape}")
                     endif ()
-                    set(name "${name}_${shape}")
-                endif ()
-                normgen_generate_kernel(${name} "${family_spec}" ${layout} ${target} "${tuned}"
-                                        ${shape} object)
-                list(APPEND objects "${object}")
-                normgen_manifest_entry(${name} "${family_spec}" ${layout} ${isa} ${arch}
-                                       ${target} ${shape} "lib${library}.so")
+                    normgen_generate_kernel(${name} "${family_spec}"
+                                            "dtype=${dtype};${fusion_params}" ${layout} ${target}
+                                            "${tuned}" ${shape} object)
+                    list(APPEND objects "${object}")
+                    normgen_manifest_entry(${name} "${family_spec}" ${dtype} ${activation}
+                                           ${residual} ${layout} ${isa} ${arch} ${target} ${shape}
+                                           "lib${library}.so")
+                endforeach ()
             endforeach ()
+        endforeach ()
         endforeach ()
     endforeach ()
     set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)

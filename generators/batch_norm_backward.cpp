@@ -1,11 +1,14 @@
-// BatchNorm backward, as aten::native_batch_norm_backward, over the canonical (N, C, S) view.
+// BatchNorm backward, as aten::native_batch_norm_backward, over the canonical (N, C, S) view;
+// with the forward's fused ReLU / residual add, their gradients are fused in as well.
 //
-//   sums per channel:  sum_dy = sum(dy),  sum_dy_xmu = sum(dy * (x - mean))        (float64)
-//   dweight = sum_dy_xmu * invstd,  dbias = sum_dy
+//   g = dy, or with ReLU g = dy where the forward's pre-activation bn(x) [+ z] > 0, else 0 (the
+//       mask is recomputed from x, z and the statistics: no y buffer is needed); dz = g
+//   sums per channel:  sum_g = sum(g),  sum_g_xmu = sum(g * (x - mean))        (float64)
+//   dweight = sum_g_xmu * invstd,  dbias = sum_g
 //   training (batch statistics, mean/invstd saved by the forward pass), M = N*S:
-//     dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M) * invstd * w
+//     dx = (g - sum_g / M - (x - mean) * invstd^2 * sum_g_xmu / M) * invstd * w
 //   eval (running statistics, invstd = rsqrt(running_var + eps)):
-//     dx = dy * invstd * w
+//     dx = g * invstd * w
 #include "generator_common.h"
 
 namespace normgen {
@@ -17,19 +20,27 @@ public:
     GeneratorParam<Mode> mode{"mode", Mode::Training,
                               {{"training", Mode::Training}, {"eval", Mode::Inference}}};
 
-    Input<Buffer<float, 3>> x{"x"};
-    Input<Buffer<float, 3>> dy{"dy"};
     Input<Buffer<float, 1>> weight{"weight"};
-    Output<Buffer<float, 3>> dx{"dx"};
     Output<Buffer<float, 1>> dweight{"dweight"};
     Output<Buffer<float, 1>> dbias{"dbias"};
+    TensorInput *x = nullptr, *dy = nullptr, *z = nullptr;
+    TensorOutput *dx = nullptr, *dz = nullptr;
+    Input<Buffer<float, 1>> *bias = nullptr;  // with ReLU: to recompute the mask
     // training: the forward pass's batch statistics
     Input<Buffer<float, 1>> *save_mean = nullptr, *save_invstd = nullptr;
     // eval: running statistics
     Input<Buffer<float, 1>> *running_mean = nullptr, *running_var = nullptr;
     Input<double> *eps = nullptr;
 
+    bool relu() const { return activation == Activation::Relu; }
+
     void configure() {
+        x = add_tensor_input("x");
+        dy = add_tensor_input("dy");
+        if (residual && relu()) z = add_tensor_input("z");
+        if (relu()) bias = add_input<Buffer<float, 1>>("bias");
+        dx = add_tensor_output("dx");
+        if (residual) dz = add_tensor_output("dz");
         if (mode == Mode::Training) {
             save_mean = add_input<Buffer<float, 1>>("save_mean");
             save_invstd = add_input<Buffer<float, 1>>("save_invstd");
@@ -43,55 +54,69 @@ public:
     void generate() {
         NormPipeline p(layout);
         p.out = Func("dx");
-        p.channels = x.dim(p.view.channel_dim()).extent();
+        p.channels = x->dim(p.view.channel_dim()).extent();
         const Var &c = p.view.c;
         auto f64 = [](Expr e) { return cast<double>(e); };
         auto f32 = [](Expr e) { return cast<float>(e); };
 
         const bool training = mode == Mode::Training;
-        Func mean("mean"), invstd("invstd");
+        Func mean("mean"), invstd("invstd"), scale("scale");
         mean(c) = training ? (*save_mean)(c) : (*running_mean)(c);
         invstd(c) = training ? f64((*save_invstd)(c))
                              : f64(1) / sqrt(f64((*running_var)(c)) + *eps);
+        scale(c) = f32(invstd(c) * f64(weight(c)));
+        // The gradient reaching the normalisation at (s_, c, n_): dy, masked by the ReLU.
+        auto grad_at = [&](Expr s_, Expr n_) {
+            Expr g = load(p.view.at(*dy, s_, c, n_));
+            if (!relu()) return g;
+            Expr pre = (load(p.view.at(*x, s_, c, n_)) - mean(c)) * scale(c) + (*bias)(c);
+            if (z) pre += load(p.view.at(*z, s_, c, n_));
+            return select(pre > 0.0f, g, 0.0f);
+        };
 
-        Expr spatial = x.dim(p.view.spatial_dim()).extent();
-        Expr batch = x.dim(CanonicalView::batch_dim).extent();
+        Expr spatial = x->dim(p.view.spatial_dim()).extent();
+        Expr batch = x->dim(CanonicalView::batch_dim).extent();
         p.r = RDom(0, spatial, 0, batch, "r");
-        Expr dy_r = f64(p.view.at(dy, p.r.x, c, p.r.y));
-        Expr xmu_r = f64(p.view.at(x, p.r.x, c, p.r.y)) - f64(mean(c));
+        Expr g_r = f64(grad_at(p.r.x, p.r.y));
+        Expr xmu_r = f64(load(p.view.at(*x, p.r.x, c, p.r.y))) - f64(mean(c));
         p.sums = Func("sums");
         p.sums(c) = Tuple(f64(0), f64(0));
-        p.sums(c) = Tuple(p.sums(c)[0] + dy_r, p.sums(c)[1] + dy_r * xmu_r);
-        Expr sum_dy = p.sums(c)[0], sum_dy_xmu = p.sums(c)[1];
+        p.sums(c) = Tuple(p.sums(c)[0] + g_r, p.sums(c)[1] + g_r * xmu_r);
+        Expr sum_g = p.sums(c)[0], sum_g_xmu = p.sums(c)[1];
 
-        // dx = dy * a + (x - mean) * b + k
+        // dx = g * a + (x - mean) * b + k
         Expr count = f64(spatial) * f64(batch);
         Expr a = invstd(c) * f64(weight(c));
-        Expr b = training ? -a * invstd(c) * invstd(c) * sum_dy_xmu / count : f64(0);
-        Expr k = training ? -a * sum_dy / count : f64(0);
+        Expr b = training ? -a * invstd(c) * invstd(c) * sum_g_xmu / count : f64(0);
+        Expr k = training ? -a * sum_g / count : f64(0);
         p.coeffs = Func("coeffs");
-        p.coeffs(c) = Tuple(f32(a), f32(b), f32(k), mean(c), f32(sum_dy_xmu * invstd(c)),
-                            f32(sum_dy));
+        p.coeffs(c) = Tuple(f32(a), f32(b), f32(k), f32(sum_g_xmu * invstd(c)), f32(sum_g));
 
-        Expr dy_at = p.view.at(dy, p.view.s, c, p.view.n);
-        Expr x_at = p.view.at(x, p.view.s, c, p.view.n);
-        if (training) {
-            p.out(p.view.storage_args()) = dy_at * p.coeffs(c)[0] +
-                                           (x_at - p.coeffs(c)[3]) * p.coeffs(c)[1] +
-                                           p.coeffs(c)[2];
-        } else {
-            p.out(p.view.storage_args()) = dy_at * p.coeffs(c)[0];
+        const Var &s = p.view.s, &n = p.view.n;
+        Expr g = grad_at(s, n);
+        Expr dx_value = g * p.coeffs(c)[0];
+        if (training)
+            dx_value += (load(p.view.at(*x, s, c, n)) - mean(c)) * p.coeffs(c)[1] + p.coeffs(c)[2];
+        p.out(p.view.storage_args()) = store(dx_value);
+        *dx = p.out;
+        if (dz) {
+            Func dz_func("dz");
+            dz_func(p.view.storage_args()) = store(g);
+            *dz = dz_func;
+            p.tensor_outputs = {dz_func};
         }
-        dx = p.out;
-        dweight(c) = p.coeffs(c)[4];
-        dbias(c) = p.coeffs(c)[5];
-        p.channel_pre = {mean, invstd};
+        dweight(c) = p.coeffs(c)[3];
+        dbias(c) = p.coeffs(c)[4];
+        p.channel_pre = {mean, invstd, scale};
         p.channel_outputs = {dweight, dbias};
 
+        std::vector<OutputImageParam> tensors = {*x, *dy, *dx};
+        for (auto *t : {z}) if (t) tensors.push_back(*t);
+        if (dz) tensors.push_back(*dz);
         std::vector<OutputImageParam> channel_vectors = {weight, dweight, dbias};
-        for (auto *in : {save_mean, save_invstd, running_mean, running_var})
+        for (auto *in : {bias, save_mean, save_invstd, running_mean, running_var})
             if (in) channel_vectors.push_back(*in);
-        constrain_and_schedule(p, training ? "bn_bwd_train" : "bn_bwd_eval", {x, dy, dx},
+        constrain_and_schedule(p, training ? "bn_bwd_train" : "bn_bwd_eval", tensors,
                                channel_vectors);
     }
 };

@@ -1,13 +1,14 @@
-// BatchNorm forward, as torch.nn.functional.batch_norm, over the canonical (N, C, S) view.
+// BatchNorm forward, as torch.nn.functional.batch_norm, over the canonical (N, C, S) view, with
+// an optional residual add and ReLU fused in:  y = act(bn(x) [+ z]).
 //
-//   training:  mean, biased var over (n, s) per channel;  y = (x - mean) * rsqrt(var + eps) * w + b
+//   training:  mean, biased var over (n, s) per channel;  bn(x) = (x - mean) * rsqrt(var + eps) * w + b
 //              outputs y, save_mean, save_invstd and the biased batch_var (the runtime turns it
 //              into PyTorch's unbiased running_var update).
-//   inference: y = (x - running_mean) * rsqrt(running_var + eps) * w + b
+//   inference: bn(x) = (x - running_mean) * rsqrt(running_var + eps) * w + b
 //
 // Stability: sums are taken of d = x - k_c, k_c being the channel's first element, in float64.
 // k_c lies within the data's spread, so E[d^2] - E[d]^2 does not cancel even when the mean is 1e4
-// times the deviation, and y = (x - k_c) * scale + (b - (mean - k_c) * scale) never rounds the
+// times the deviation, and bn(x) = (x - k_c) * scale + (b - (mean - k_c) * scale) never rounds the
 // mean to float: y is as exact as its float32 arithmetic allows.
 #include "generator_common.h"
 
@@ -20,17 +21,20 @@ public:
     GeneratorParam<Mode> mode{"mode", Mode::Training,
                               {{"training", Mode::Training}, {"inference", Mode::Inference}}};
 
-    Input<Buffer<float, 3>> x{"x"};
     Input<Buffer<float, 1>> weight{"weight"};
     Input<Buffer<float, 1>> bias{"bias"};
     Input<double> eps{"eps"};
-    Output<Buffer<float, 3>> y{"y"};
+    TensorInput *x = nullptr, *z = nullptr;  // z: the residual, when fused
+    TensorOutput *y = nullptr;
     // inference
     Input<Buffer<float, 1>> *running_mean = nullptr, *running_var = nullptr;
     // training
     Output<Buffer<float, 1>> *save_mean = nullptr, *save_invstd = nullptr, *batch_var = nullptr;
 
     void configure() {
+        x = add_tensor_input("x");
+        if (residual) z = add_tensor_input("z");
+        y = add_tensor_output("y");
         if (mode == Mode::Inference) {
             running_mean = add_input<Buffer<float, 1>>("running_mean");
             running_var = add_input<Buffer<float, 1>>("running_var");
@@ -44,19 +48,20 @@ public:
     void generate() {
         NormPipeline p(layout);
         p.out = Func("y");
-        p.channels = x.dim(p.view.channel_dim()).extent();
-        const Var &c = p.view.c;
+        p.channels = x->dim(p.view.channel_dim()).extent();
+        const Var &c = p.view.c, &s = p.view.s, &n = p.view.n;
         auto f64 = [](Expr e) { return cast<double>(e); };
         auto f32 = [](Expr e) { return cast<float>(e); };
-        Expr x_at = p.view.at(x, p.view.s, c, p.view.n);
+        Expr x_at = load(p.view.at(*x, s, c, n));
+        Expr z_at = residual ? load(p.view.at(*z, s, c, n)) : Expr(0.0f);
 
         if (mode == Mode::Training) {
             Func shift("shift");
-            shift(c) = p.view.at(x, 0, c, 0);
-            Expr spatial = x.dim(p.view.spatial_dim()).extent();
-            Expr batch = x.dim(CanonicalView::batch_dim).extent();
+            shift(c) = load(p.view.at(*x, 0, c, 0));
+            Expr spatial = x->dim(p.view.spatial_dim()).extent();
+            Expr batch = x->dim(CanonicalView::batch_dim).extent();
             p.r = RDom(0, spatial, 0, batch, "r");
-            Expr d = f64(p.view.at(x, p.r.x, c, p.r.y)) - f64(shift(c));
+            Expr d = f64(load(p.view.at(*x, p.r.x, c, p.r.y))) - f64(shift(c));
             p.sums = Func("sums");
             p.sums(c) = Tuple(f64(0), f64(0));
             p.sums(c) = Tuple(p.sums(c)[0] + d, p.sums(c)[1] + d * d);
@@ -72,7 +77,8 @@ public:
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), f32(f64(bias(c)) - mean_minus_shift * scale),
                                 f32(f64(shift(c)) + mean_minus_shift), f32(invstd), f32(var));
-            p.out(p.view.storage_args()) = (x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1];
+            p.out(p.view.storage_args()) =
+                store(activate((x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1] + z_at));
             (*save_mean)(c) = p.coeffs(c)[2];
             (*save_invstd)(c) = p.coeffs(c)[3];
             (*batch_var)(c) = p.coeffs(c)[4];
@@ -82,16 +88,20 @@ public:
             Expr scale = f64(weight(c)) / sqrt(f64((*running_var)(c)) + eps);
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), (*running_mean)(c));
-            p.out(p.view.storage_args()) = (x_at - p.coeffs(c)[1]) * p.coeffs(c)[0] + bias(c);
+            p.out(p.view.storage_args()) =
+                store(activate((x_at - p.coeffs(c)[1]) * p.coeffs(c)[0] + bias(c) + z_at));
         }
-        y = p.out;
+        *y = p.out;
+
+        std::vector<OutputImageParam> tensors = {*x, *y};
+        if (z) tensors.push_back(*z);
         std::vector<OutputImageParam> channel_vectors = {weight, bias};
         for (auto *in : {running_mean, running_var})
             if (in) channel_vectors.push_back(*in);
         for (auto *out : {save_mean, save_invstd, batch_var})
             if (out) channel_vectors.push_back(*out);
         constrain_and_schedule(p, mode == Mode::Training ? "bn_fwd_train" : "bn_fwd_infer",
-                               {x, y}, channel_vectors);
+                               tensors, channel_vectors);
     }
 };
 

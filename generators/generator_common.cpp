@@ -40,13 +40,14 @@ void constrain_channel_vector(OutputImageParam buffer, const FixedShape &shape) 
 }
 
 void schedule_for_target(NormPipeline &p, const Target &target, const std::string &family,
-                         const std::string &shape, const std::string &tuned_json_path) {
+                         const std::string &dtype, const std::string &shape,
+                         const std::string &tuned_json_path) {
     const std::string layout = p.view.layout == Layout::Contiguous ? "contig" : "cl";
     std::string entry;
-    CpuKnobs knobs = load_cpu_knobs(tuned_json_path, {family, "f32", layout, shape}, &entry);
+    CpuKnobs knobs = load_cpu_knobs(tuned_json_path, {family, dtype, layout, shape}, &entry);
     // Shown in the build log: which tuned entry each kernel was scheduled with.
-    std::fprintf(stderr, "normgen: %s %s %s %s: knobs from %s: %s\n", family.c_str(),
-                 layout.c_str(), shape.c_str(), target.to_string().c_str(), entry.c_str(),
+    std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", family.c_str(),
+                 dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(), entry.c_str(),
                  knobs.to_string().c_str());
     schedule_cpu(p, knobs, target);
 }

@@ -12,6 +12,23 @@ namespace normgen {
 inline const std::map<std::string, Layout> kLayoutNames = {{"contig", Layout::Contiguous},
                                                            {"cl", Layout::ChannelsLast}};
 
+// Storage type of the tensors (x, z, y, dy, dx, dz). Weight, bias and statistics stay float32,
+// and all arithmetic is float32 with float64 sums (PyTorch's mixed-precision convention).
+enum class StorageType { F32, F16, BF16 };
+inline const std::map<std::string, StorageType> kStorageTypeNames = {
+    {"f32", StorageType::F32}, {"f16", StorageType::F16}, {"bf16", StorageType::BF16}};
+enum class Activation { None, Relu };
+inline const std::map<std::string, Activation> kActivationNames = {{"none", Activation::None},
+                                                                   {"relu", Activation::Relu}};
+
+inline Halide::Type halide_type(StorageType t) {
+    switch (t) {
+    case StorageType::F16: return Halide::Float(16);
+    case StorageType::BF16: return Halide::BFloat(16);
+    default: return Halide::Float(32);
+    }
+}
+
 // A shape the kernel is specialised for, in PyTorch's canonical view (N, C, S); 0 = any.
 struct FixedShape {
     int n = 0, c = 0, s = 0;
@@ -28,20 +45,41 @@ void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const Fixe
 // Constrains a per-channel vector (weight, statistics...) to min 0 and, if known, extent C.
 void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape &shape);
 
-// Schedules the pipeline for the generator's target with the knobs tuned for `family`.
+// Schedules the pipeline for the generator's target with the knobs tuned for `family` / `dtype`.
 void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
-                         const std::string &shape, const std::string &tuned_json_path);
+                         const std::string &dtype, const std::string &shape,
+                         const std::string &tuned_json_path);
 
-// What every BatchNorm generator shares: the layout, the exact shape (if any) and the tuned
-// knobs file; and its last step, constraining the buffers and scheduling for the target.
+// What every BatchNorm generator shares: the variant's GeneratorParams (layout, storage type,
+// fused activation and residual add, exact shape, tuned knobs file); and its last step,
+// constraining the buffers and scheduling for the target.
 template <typename Derived>
 class BatchNormGenerator : public Halide::Generator<Derived> {
 public:
     Halide::GeneratorParam<Layout> layout{"layout", Layout::Contiguous, kLayoutNames};
+    Halide::GeneratorParam<StorageType> dtype{"dtype", StorageType::F32, kStorageTypeNames};
+    Halide::GeneratorParam<Activation> activation{"activation", Activation::None, kActivationNames};
+    Halide::GeneratorParam<bool> residual{"residual", false};       // y = act(bn(x) + z)
     Halide::GeneratorParam<std::string> shape{"shape", "generic"};  // or e.g. n32_c64_s3136
     Halide::GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
 
 protected:
+    using TensorInput = Halide::GeneratorInput<Halide::Buffer<>>;
+    using TensorOutput = Halide::GeneratorOutput<Halide::Buffer<>>;
+    TensorInput *add_tensor_input(const std::string &name) {
+        return this->template add_input<Halide::Buffer<>>(name, halide_type(dtype), 3);
+    }
+    TensorOutput *add_tensor_output(const std::string &name) {
+        return this->template add_output<Halide::Buffer<>>(name, halide_type(dtype), 3);
+    }
+    // Reads a tensor element as float32 / stores a float32 value in the storage type
+    // (round to nearest even).
+    static Halide::Expr load(Halide::Expr e) { return Halide::cast<float>(e); }
+    Halide::Expr store(Halide::Expr e) const { return Halide::cast(halide_type(dtype), e); }
+    Halide::Expr activate(Halide::Expr e) const {
+        return activation == Activation::Relu ? Halide::max(e, 0.0f) : e;
+    }
+
     // tensors: the 3-D arguments; channel_vectors: the per-channel ones.
     void constrain_and_schedule(NormPipeline &p, const std::string &family,
                                 const std::vector<Halide::OutputImageParam> &tensors,
@@ -49,7 +87,10 @@ protected:
         const FixedShape fixed = parse_fixed_shape(shape);
         for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
         for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
-        schedule_for_target(p, this->get_target(), family, shape, tuned);
+        const std::string dtype_name = dtype == StorageType::F32   ? "f32"
+                                       : dtype == StorageType::F16 ? "f16"
+                                                                   : "bf16";
+        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned);
     }
 };
 

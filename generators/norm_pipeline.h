@@ -46,6 +46,7 @@ struct NormPipeline {
     Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)
     Halide::Func coeffs;                    // per-channel Tuple of what the elementwise stage needs
     Halide::Func out;                       // the tensor output (y or dx), in storage order
+    std::vector<Halide::Func> tensor_outputs;   // further tensor outputs computed beside out (dz)
     std::vector<Halide::Func> channel_outputs;  // per-channel outputs (statistics, gradients)
 };
 

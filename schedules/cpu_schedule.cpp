@@ -6,12 +6,22 @@ using namespace Halide;
 
 namespace {
 
+std::vector<Func> elementwise_outputs(const NormPipeline &p) {
+    std::vector<Func> all = {p.out};
+    all.insert(all.end(), p.tensor_outputs.begin(), p.tensor_outputs.end());
+    return all;
+}
+
 // Contiguous (s, c, n): a channel's data is N runs of S contiguous elements. One parallel task
 // per channel; the statistics reduction keeps `lanes` partial sums (rfactor over the vector
 // lanes of s) so the inner loop is a plain vector accumulate.
 void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
-    p.out.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf).parallel(c);
+    for (Func f : elementwise_outputs(p)) {
+        f.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf).parallel(c);
+        // Further outputs (dz) run beside out, row by row, while the row is in L1.
+        if (f.name() != p.out.name()) f.compute_with(p.out, n);
+    }
 
     if (!p.sums.defined()) {
         p.coeffs.compute_root();
@@ -49,9 +59,13 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c;
     Var rows("rows"), row("row");
     Expr rows_per_task = max(1, k.task_elements / p.channels);
-    p.out.split(s, rows, row, rows_per_task, TailStrategy::GuardWithIf)
-        .vectorize(c, lanes, TailStrategy::GuardWithIf)
-        .parallel(rows);
+    for (Func f : elementwise_outputs(p)) {
+        f.split(s, rows, row, rows_per_task, TailStrategy::GuardWithIf)
+            .vectorize(c, lanes, TailStrategy::GuardWithIf)
+            .parallel(rows);
+        // Further outputs (dz) run beside out, task by task, while its rows are in L2.
+        if (f.name() != p.out.name()) f.compute_with(p.out, rows);
+    }
 
     if (p.sums.defined()) {
         RVar block("block"), in_block("in_block");

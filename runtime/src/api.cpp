@@ -136,6 +136,7 @@ ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void *z, voi
         require(y, "y", "the output is required");
         if (z && !p.residual)
             fail(NG_INVALID_ARGUMENT, "z: given, but params.residual is 0 (pass NULL)");
+        if (p.residual) require(z, "z", "params.residual is 1 (y = act(bn(x) + z))");
         if (p.affine) {
             require(weight, "weight", "params.affine is 1");
             require(bias, "bias", "params.affine is 1");
@@ -156,6 +157,7 @@ ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void *z, voi
         }
 
         plan->bind(Role::x, x);
+        plan->bind(Role::z, z);
         plan->bind(Role::y, y);
         plan->bind(Role::weight, p.affine ? weight : plan->ones.data());
         plan->bind(Role::bias, p.affine ? bias : plan->zeros.data());
@@ -180,7 +182,6 @@ ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy, c
                                  const float *running_mean, const float *running_var,
                                  const float *save_mean, const float *save_invstd, void *dx,
                                  float *dweight, float *dbias, void *dz) {
-    (void)bias;  // only the fused ReLU backward needs it (to recompute the mask)
     return guarded([&] {
         ng::require_op(plan, NG_OP_BACKWARD, "ng_batch_norm_backward");
         const ng_batch_norm_params &p = plan->params;
@@ -191,7 +192,13 @@ ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy, c
             fail(NG_INVALID_ARGUMENT, "z: given, but params.residual is 0 (pass NULL)");
         if (dz && !p.residual)
             fail(NG_INVALID_ARGUMENT, "dz: given, but params.residual is 0 (pass NULL)");
+        const bool relu = p.activation == NG_ACT_RELU;
+        if (p.residual) {
+            require(dz, "dz", "params.residual is 1 (the residual's gradient is returned in it)");
+            if (relu) require(z, "z", "the ReLU mask of act(bn(x) + z) is recomputed from it");
+        }
         if (p.affine) require(weight, "weight", "params.affine is 1");
+        if (p.affine && relu) require(bias, "bias", "the ReLU mask is recomputed from bn(x)");
         if (plan->use_batch_stats) {
             const char *why = "backward with batch statistics uses the forward pass's";
             require(save_mean, "save_mean", why);
@@ -204,8 +211,11 @@ ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy, c
 
         plan->bind(Role::x, x);
         plan->bind(Role::dy, dy);
+        plan->bind(Role::z, z);
         plan->bind(Role::dx, dx);
+        plan->bind(Role::dz, dz);
         plan->bind(Role::weight, p.affine ? weight : plan->ones.data());
+        plan->bind(Role::bias, p.affine ? bias : plan->zeros.data());
         plan->bind(Role::save_mean, save_mean);
         plan->bind(Role::save_invstd, save_invstd);
         plan->bind(Role::running_mean, running_mean);

@@ -36,6 +36,17 @@ std::string shape_string(const ng_tensor &x) {
     return os.str();
 }
 
+const char *dtype_name(ng_dtype dtype) {
+    return dtype == NG_F16 ? "f16" : dtype == NG_BF16 ? "bf16" : "f32";
+}
+
+size_t element_size(ng_dtype dtype) { return dtype == NG_F32 ? 4 : 2; }
+
+std::string fusion_name(const ng_batch_norm_params &p) {
+    if (p.residual) return p.activation == NG_ACT_RELU ? "add + ReLU" : "add";
+    return p.activation == NG_ACT_RELU ? "ReLU" : "none";
+}
+
 void validate_tensor(const ng_tensor *x) {
     if (!x) fail(NG_INVALID_ARGUMENT, "x: the tensor descriptor is NULL");
     if (x->ndim < 2 || x->ndim > 5)
@@ -60,7 +71,7 @@ void validate_tensor(const ng_tensor *x) {
     if (device != NG_CPU && device != NG_CUDA)
         fail(NG_INVALID_ARGUMENT, "x.device = ", device, ": expected NG_CPU (0) or NG_CUDA (1)");
     // Kernels index with 32-bit offsets (Halide without large_buffers).
-    if (elements > INT32_MAX / 4)
+    if (elements > INT32_MAX / static_cast<int64_t>(element_size(x->dtype)))
         fail(NG_UNSUPPORTED, "x.shape = ", shape_string(*x), " holds ", elements,
              " elements; kernels address at most 2^31 - 1 bytes per tensor");
 }
@@ -147,7 +158,8 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
 std::string describe_request(const ng_plan &p) {
     std::ostringstream os;
     os << (p.op == NG_OP_FORWARD ? "forward" : "backward") << " with "
-       << (p.use_batch_stats ? "batch" : "running") << " statistics, f32, "
+       << (p.use_batch_stats ? "batch" : "running") << " statistics, " << dtype_name(p.x.dtype)
+       << ", fusion " << fusion_name(p.params) << ", "
        << (p.x.format == NG_CONTIGUOUS ? "contiguous" : "channels-last") << " x"
        << shape_string(p.x) << " = (N " << p.n << ", C " << p.c << ", S " << p.s << ")";
     return os.str();
@@ -165,13 +177,6 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     validate_tensor(x);
     validate_params(params);
     check_device(*x);
-    if (x->dtype != NG_F32)
-        fail(NG_UNSUPPORTED, "x.dtype = ", x->dtype == NG_F16 ? "NG_F16" : "NG_BF16",
-             ": only NG_F32 kernels exist so far");
-    if (params->activation != NG_ACT_NONE || params->residual)
-        fail(NG_UNSUPPORTED, "params.activation/residual: fused activation and residual add are "
-                             "not supported yet (activation = ", static_cast<int>(params->activation),
-             ", residual = ", params->residual, ")");
 
     auto plan = std::make_unique<ng_plan>();
     plan->op = op;
@@ -193,14 +198,18 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const std::string layout = channels_last ? "cl" : "contig";
     const std::string op_name = op == NG_OP_FORWARD ? "forward" : "backward";
     const std::string stats = plan->use_batch_stats ? "batch" : "running";
+    const std::string dtype = dtype_name(x->dtype);
+    const std::string activation = params->activation == NG_ACT_RELU ? "relu" : "none";
+    const bool residual = params->residual != 0;
 
     // Best ISA first (most features), then exact shape before generic.
     const Kernel *best = nullptr;
     int best_rank = -1;
     std::vector<std::string> passed_over;
     for (const Kernel &k : rt->package->kernels()) {
-        if (k.op != op_name || k.statistics != stats || k.dtype != "f32" || k.layout != layout ||
-            k.activation != "none" || k.residual || k.device != "cpu" || !k.entry)
+        if (k.op != op_name || k.statistics != stats || k.dtype != dtype || k.layout != layout ||
+            k.activation != activation || k.residual != residual || k.device != "cpu" ||
+            !k.entry)
             continue;
         const bool exact = k.shape.kind == KernelShape::Exact;
         if (exact && (k.shape.n != plan->n || k.shape.c != plan->c || k.shape.s != plan->s))

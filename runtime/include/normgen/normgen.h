@@ -67,8 +67,8 @@ typedef struct {
     int32_t affine;             /* 1: weight/bias are used (and their gradients produced) */
     int32_t track_running_stats;/* 1: running_mean/var are updated in training and used in eval */
     int32_t training;           /* 1: module.train(), 0: module.eval() */
-    ng_activation activation;   /* fused activation after the normalisation (NG_ACT_NONE for now) */
-    int32_t residual;           /* 1: y = act(bn(x) + z) (not yet supported: NG_UNSUPPORTED) */
+    ng_activation activation;   /* fused activation: y = act(bn(x) [+ z]) */
+    int32_t residual;           /* 1: add z (same shape, format, dtype as x) before the activation */
 } ng_batch_norm_params;
 
 typedef struct ng_runtime ng_runtime;
@@ -96,7 +96,9 @@ NG_API void ng_plan_destroy(ng_plan *plan);
 
 /* Forward, as torch.nn.functional.batch_norm (+ the module's running-stats bookkeeping).
  *  x, y:            the tensor and the output, same shape/format/dtype (required).
- *  z:               residual input; must be NULL unless params.residual.
+ *  x, z, y share the plan's dtype: float for NG_F32, uint16_t bit patterns for NG_F16/NG_BF16
+ *                   (weight, bias and all statistics are float whatever the dtype).
+ *  z:               residual input: required iff params.residual.
  *  weight, bias:    C floats each, required iff affine (ignored otherwise).
  *  running_mean/var: C floats; read in eval, updated in training when track_running_stats.
  *  num_batches_tracked: incremented in training when track_running_stats; required if momentum
@@ -112,8 +114,10 @@ NG_API ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void 
  * without running stats) it uses save_mean/save_invstd from the forward pass; in eval with
  * running stats it uses running_mean/running_var.
  *  dx: required.  dweight, dbias: C floats, may be NULL (not computed for the caller).
- *  bias: unused until the fused ReLU backward needs it (it may be passed, or NULL).
- *  z, dz: for the residual form; must be NULL while params.residual is off. */
+ *  bias: with a fused ReLU (and affine), required: the mask is recomputed from x, z and the
+ *        statistics, so no forward output is needed. Otherwise unused (may be NULL).
+ *  z:    with residual + ReLU, required (part of the mask); otherwise unused (may be NULL).
+ *  dz:   the residual's gradient (= dy masked by the ReLU): required iff params.residual. */
 NG_API ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy,
                                         const void *z, const float *weight, const float *bias,
                                         const float *running_mean, const float *running_var,

@@ -65,19 +65,20 @@ public:
     ng_plan *get() const { return plan_; }
     std::string describe() const { return ng_plan_describe(plan_); }
 
-    void forward(const float *x, float *y, const float *weight, const float *bias,
+    // Tensors are void*: float for NG_F32, 16-bit patterns for NG_F16 / NG_BF16.
+    void forward(const void *x, void *y, const float *weight, const float *bias,
                  float *running_mean, float *running_var, int64_t *num_batches_tracked,
                  float *save_mean = nullptr, float *save_invstd = nullptr,
-                 const float *z = nullptr) {
+                 const void *z = nullptr) {
         check(ng_batch_norm_forward(plan_, x, z, y, weight, bias, running_mean, running_var,
                                     num_batches_tracked, save_mean, save_invstd));
     }
-    void backward(const float *x, const float *dy, const float *weight,
-                  const float *running_mean, const float *running_var, const float *save_mean,
-                  const float *save_invstd, float *dx, float *dweight, float *dbias) {
-        check(ng_batch_norm_backward(plan_, x, dy, nullptr, weight, nullptr, running_mean,
-                                     running_var, save_mean, save_invstd, dx, dweight, dbias,
-                                     nullptr));
+    void backward(const void *x, const void *dy, const float *weight, const float *running_mean,
+                  const float *running_var, const float *save_mean, const float *save_invstd,
+                  void *dx, float *dweight, float *dbias, const float *bias = nullptr,
+                  const void *z = nullptr, void *dz = nullptr) {
+        check(ng_batch_norm_backward(plan_, x, dy, z, weight, bias, running_mean, running_var,
+                                     save_mean, save_invstd, dx, dweight, dbias, dz));
     }
 
 private:
