@@ -11,7 +11,7 @@ namespace normgen {
 std::string CpuKnobs::to_string() const {
     std::ostringstream os;
     os << "vectors=" << vectors << " stats_per_channel=" << stats_per_channel
-       << " task_elements=" << task_elements;
+       << " channels_per_task=" << channels_per_task << " task_elements=" << task_elements;
     return os.str();
 }
 
@@ -28,6 +28,9 @@ CpuKnobs parse_knobs(const nlohmann::json &j, const std::string &where) {
             if (k.vectors < 1 || k.vectors > 8) throw bad(name, "must be in 1..8");
         } else if (name == "stats_per_channel") {
             k.stats_per_channel = value.get<bool>();
+        } else if (name == "channels_per_task") {
+            k.channels_per_task = value.get<int>();
+            if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
         } else if (name == "task_elements") {
             k.task_elements = value.get<int>();
             if (k.task_elements < 1) throw bad(name, "must be >= 1");

@@ -12,6 +12,8 @@ struct CpuKnobs {
     // channel, while its slice is still in L2 (2 DRAM passes for forward training instead of 3);
     // false computes all statistics first. Channels-last always computes them first.
     bool stats_per_channel = true;
+    // Contiguous layout: channels per parallel task (1: one task per channel).
+    int channels_per_task = 1;
     // Channels-last: elements per parallel task (rounded to whole rows of C elements), in the
     // reduction and the elementwise loops. Sized in elements, not rows, so that wide and narrow
     // tensors both split into enough tasks for every thread.

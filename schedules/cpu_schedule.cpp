@@ -12,13 +12,23 @@ std::vector<Func> elementwise_outputs(const NormPipeline &p) {
     return all;
 }
 
-// Contiguous (s, c, n): a channel's data is N runs of S contiguous elements. One parallel task
-// per channel; the statistics reduction keeps `lanes` partial sums (rfactor over the vector
-// lanes of s) so the inner loop is a plain vector accumulate.
+// Contiguous (s, c, n): a channel's data is N runs of S contiguous elements. A parallel task
+// takes a block of channels; the statistics reduction keeps `lanes` partial sums (rfactor over
+// the vector lanes of s) so the inner loop is a plain vector accumulate.
 void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
+    Var c_block("c_block");
+    // Channels are parallel tasks, alone or in blocks (small slices: fewer, longer tasks).
+    auto parallel_channels = [&](Func f) {
+        if (k.channels_per_task > 1)
+            f.split(c, c_block, c, k.channels_per_task, TailStrategy::GuardWithIf)
+                .parallel(c_block);
+        else
+            f.parallel(c);
+    };
     for (Func f : elementwise_outputs(p)) {
-        f.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf).parallel(c);
+        f.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf);
+        parallel_channels(f);
         // Further outputs (dz) run beside out, row by row, while the row is in L1.
         if (f.name() != p.out.name()) f.compute_with(p.out, n);
     }
@@ -42,7 +52,10 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         p.sums.compute_at(p.out, c);
         partial.compute_at(p.out, c);
         p.coeffs.compute_at(p.out, c);
-        for (Func f : p.channel_outputs) f.parallel(c).compute_with(p.out, c);
+        for (Func f : p.channel_outputs) {
+            parallel_channels(f);
+            f.compute_with(p.out, c);
+        }
     } else {
         for (Func f : p.channel_pre) f.compute_root();
         p.sums.compute_root().parallel(c);
