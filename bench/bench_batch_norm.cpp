@@ -200,6 +200,7 @@ struct Result {
     int64_t reps = 0;
     int calls_per_sample = 0;
     int64_t retries = 0, disturbed = 0;  // pairs timed again / still preempted after retries
+    int64_t planned_reps = 0;
     bool cold = true;
     std::string kernel, check = "not run";
     double max_err = NAN;
@@ -376,14 +377,16 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
         Result &r = suite.results[c.bench_name];
         for (auto _ : state) {
             // A pair during which any of our threads was preempted (another process wanted a
-            // core) is timed again, up to kMaxRetries times; one still disturbed is counted.
+            // core) is timed again, up to kMaxRetries times (and at most 2 retries per
+            // repetition on average, so a busy machine cannot stretch a run without bound); one
+            // still disturbed is counted.
             double t_ref = 0, t_kernel = 0;
             for (int attempt = 0;; attempt++) {
                 const long switches = involuntary_switches();
                 t_ref = timed(calls, reference);
                 t_kernel = timed(calls, kernel);
                 if (involuntary_switches() == switches) break;
-                if (attempt == kMaxRetries) {
+                if (attempt == kMaxRetries || r.retries >= 2 * r.planned_reps) {
                     r.disturbed++;
                     break;
                 }
@@ -711,7 +714,8 @@ int main(int argc, char **argv) {
         // Repetitions: the budget over a pessimistic estimate of one sample pair (10 GB/s, or
         // 1 ms for the small problems that take several calls per sample), odd, in [15, 101].
         const double pair_s = std::max(1e-3, 2.0 * passes(c.op) * p.numel() * sizeof(float) / 10e9);
-        int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
+        const int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
+        suite.results[c.bench_name].planned_reps = reps;
         benchmark::RegisterBenchmark(c.bench_name.c_str(),
                                      [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })
             ->UseManualTime()
