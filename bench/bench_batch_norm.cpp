@@ -6,6 +6,7 @@
 //          --impl=normgen,onednn,torch  --op=fwd_train,fwd_infer,bwd_train  --format=contig,cl
 //          --cache=auto|cold|warm (default auto)  --reps=N (repetitions; default by size)
 //          --threads=N (default 2)  --budget=SECONDS (per benchmark, default 0.6)
+//          --note=TEXT (added to the markdown's header line)
 //          and any --benchmark_* flag of Google Benchmark (e.g. --benchmark_filter=REGEX).
 //
 // Design. One Google Benchmark per (shape, format, op, impl), named
@@ -74,6 +75,7 @@ struct Options {
     std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
     int reps = 0;  // 0: by problem size
     int threads = 2;
+    std::string note;  // --note=TEXT: a line for the markdown (scripts/bench: the git commit)
     enum class Cache { automatic, cold, warm } cache = Cache::automatic;  // --cache=
     int64_t l2_bytes = 0;  // L2 of the threads together, for --cache=auto
     double budget_s = 0.6;
@@ -119,6 +121,8 @@ Options parse_options(int *argc, char **argv) {
         };
         if (const char *v = value("--shapes"))
             o.shapes_file = v;
+        else if (const char *v = value("--note"))
+            o.note = v;
         else if (const char *v = value("--csv"))
             o.csv = v;
         else if (const char *v = value("--markdown"))
@@ -525,7 +529,8 @@ void write_markdown(const Suite &suite, const std::string &path) {
         return std::find(o.impls.begin(), o.impls.end(), k) != o.impls.end();
     };
     out << "# BatchNorm fp32: normgen vs oneDNN vs libtorch\n\n"
-        << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`.\n\n"
+        << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`"
+        << (o.note.empty() ? "" : "; " + o.note) << ".\n\n"
         << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a "
            "copy "
            "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward, both plain "
