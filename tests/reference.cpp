@@ -1,18 +1,22 @@
 #include "reference.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 namespace normgen::ref {
 
 ForwardResult forward(const View &v, const Params &p, const float *x, const float *weight,
-                      const float *bias, RunningStats *running) {
+                      const float *bias, RunningStats *running, const float *z) {
     const int64_t C = v.c;
     const double M = double(v.n) * double(v.s);  // values per channel
     ForwardResult r;
     r.batch_statistics = p.training || !p.track_running_stats;
     if (p.track_running_stats && !running)
         throw std::invalid_argument("ref::forward: running statistics are tracked but not given");
+    if (p.residual != (z != nullptr))
+        throw std::invalid_argument("ref::forward: z must be given iff params.residual");
     r.mean.assign(C, 0.0);
     r.biased_var.assign(C, 0.0);
     r.invstd.assign(C, 0.0);
@@ -47,10 +51,12 @@ ForwardResult forward(const View &v, const Params &p, const float *x, const floa
     for (int64_t c = 0; c < C; c++) r.invstd[c] = 1.0 / std::sqrt(r.biased_var[c] + p.eps);
 
     r.y.resize(v.size());
+    r.pre.resize(v.size());
     v.for_each([&](int64_t c, int64_t i) {
         const double w = p.affine ? weight[c] : 1.0;
         const double b = p.affine ? bias[c] : 0.0;
-        r.y[i] = (x[i] - r.mean[c]) * r.invstd[c] * w + b;
+        r.pre[i] = (x[i] - r.mean[c]) * r.invstd[c] * w + b + (z ? double(z[i]) : 0.0);
+        r.y[i] = p.relu ? std::max(r.pre[i], 0.0) : r.pre[i];
     });
     return r;
 }
@@ -58,7 +64,7 @@ ForwardResult forward(const View &v, const Params &p, const float *x, const floa
 BackwardResult backward(const View &v, const float *x, const float *dy, const float *weight,
                         const float *running_mean, const float *running_var,
                         const float *save_mean, const float *save_invstd, bool train,
-                        double eps) {
+                        double eps, const Fusion &fusion) {
     const int64_t C = v.c;
     const double M = double(v.n) * double(v.s);
     std::vector<double> mean(C), invstd(C);
@@ -67,13 +73,27 @@ BackwardResult backward(const View &v, const float *x, const float *dy, const fl
         invstd[c] = train ? double(save_invstd[c]) : 1.0 / std::sqrt(double(running_var[c]) + eps);
     }
 
+    BackwardResult r;
+    // g: the gradient reaching bn(x), dy masked by the ReLU (the gradient of max(pre, 0) is
+    // taken as 0 at pre == 0, as torch.relu's backward does).
+    r.dz.assign(dy, dy + v.size());
+    if (fusion.relu) {
+        r.pre.resize(v.size());
+        v.for_each([&](int64_t c, int64_t i) {
+            const double w = weight ? weight[c] : 1.0, b = fusion.bias ? fusion.bias[c] : 0.0;
+            const double zi = fusion.z ? double(fusion.z[i]) : 0.0;
+            r.pre[i] = (x[i] - mean[c]) * invstd[c] * w + b + zi;
+            if (!(r.pre[i] > 0)) r.dz[i] = 0.0;
+        });
+    }
+    const std::vector<double> &g = r.dz;
+
     std::vector<double> sum_dy(C, 0.0), dot_dy_xmu(C, 0.0);
     v.for_each([&](int64_t c, int64_t i) {
-        sum_dy[c] += dy[i];
-        dot_dy_xmu[c] += double(dy[i]) * (x[i] - mean[c]);
+        sum_dy[c] += g[i];
+        dot_dy_xmu[c] += g[i] * (x[i] - mean[c]);
     });
 
-    BackwardResult r;
     r.invstd = invstd;
     r.dweight.resize(C);
     r.dbias.resize(C);
@@ -87,12 +107,132 @@ BackwardResult backward(const View &v, const float *x, const float *dy, const fl
         if (train) {
             // dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
             const double projection = dot_dy_xmu[c] * invstd[c] * invstd[c] / M;
-            r.dx[i] = (dy[i] - sum_dy[c] / M - (x[i] - mean[c]) * projection) * invstd[c] * w;
+            r.dx[i] = (g[i] - sum_dy[c] / M - (x[i] - mean[c]) * projection) * invstd[c] * w;
         } else {
-            r.dx[i] = dy[i] * invstd[c] * w;
+            r.dx[i] = g[i] * invstd[c] * w;
         }
     });
     return r;
+}
+
+// ---- Storage types ------------------------------------------------------------------------
+
+namespace {
+
+struct Format {
+    int precision;     // significant bits, the implicit one included
+    int min_exponent;  // of the smallest normal value
+    int max_exponent;  // of the largest finite value
+};
+
+Format format_of(Storage s) {
+    switch (s) {
+    case Storage::F16: return {11, -14, 15};
+    case Storage::BF16: return {8, -126, 127};
+    case Storage::F32: break;
+    }
+    return {24, -126, 127};
+}
+
+// 2^e for |e| < 1023, built directly (std::ldexp is slow enough to dominate the tests).
+double pow2(int e) {
+    const uint64_t bits = uint64_t(e + 1023) << 52;
+    double d;
+    std::memcpy(&d, &bits, 8);
+    return d;
+}
+
+// The exponent e with 2^e <= |v| < 2^(e+1), floored at the format's smallest normal exponent:
+// the binade whose spacing applies.
+int binade(double v, const Format &f) {
+    if (v == 0) return f.min_exponent;
+    uint64_t bits;
+    std::memcpy(&bits, &v, 8);
+    const int biased = int((bits >> 52) & 0x7FF);
+    const int e = biased == 0 ? std::ilogb(v) : biased - 1023;  // double subnormals: rare
+    return std::max(e, f.min_exponent);
+}
+
+}  // namespace
+
+double storage_ulp(double v, Storage s) {
+    const Format f = format_of(s);
+    return pow2(binade(v, f) - (f.precision - 1));
+}
+
+double round_to_storage(double v, Storage s) {
+    if (!std::isfinite(v) || v == 0) return v;
+    const Format f = format_of(s);
+    const int q = binade(v, f) - (f.precision - 1);  // exponent of the spacing
+    // Scaling by a power of two is exact; nearbyint rounds half to even in the default mode.
+    const double r = std::nearbyint(v * pow2(-q)) * pow2(q);
+    const double max_finite = (2.0 - pow2(1 - f.precision)) * pow2(f.max_exponent);
+    // Rounded with an unbounded exponent: anything beyond the largest finite value would need
+    // the next binade, which does not exist (IEEE: the result is inf).
+    if (std::fabs(r) > max_finite) return std::copysign(INFINITY, v);
+    return r;
+}
+
+uint16_t encode16(double v, Storage s) {
+    if (s != Storage::F16 && s != Storage::BF16)
+        throw std::invalid_argument("encode16: not a 16-bit storage type");
+    const float f = float(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    uint16_t out;
+    if (s == Storage::BF16) {
+        out = uint16_t(bits >> 16);
+    } else {
+        const auto sign = uint16_t((bits >> 16) & 0x8000);
+        const int exponent = int((bits >> 23) & 0xFF) - 127;
+        const double a = std::fabs(v);
+        if (std::isnan(v))
+            out = sign | 0x7E00;
+        else if (exponent > 15)  // inf (a finite value this large is not representable)
+            out = sign | 0x7C00;
+        else if (exponent < -14)  // subnormal or 0: a multiple of 2^-24 below 2^-14
+            out = sign | uint16_t(a * 0x1p24);
+        else
+            out = sign | uint16_t((exponent + 15) << 10) | uint16_t((bits >> 13) & 0x3FF);
+    }
+    // Exact or refused: the value must survive the round trip (same sign of zero too).
+    const float back = decode16(out, s);
+    const bool same = back == f && std::signbit(back) == std::signbit(f);
+    if (!same && !(std::isnan(back) && std::isnan(f)))
+        throw std::invalid_argument("encode16: value not representable; round it first");
+    return out;
+}
+
+namespace {
+
+float decode_f16(uint16_t bits) {
+    const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+    double a;
+    if (exponent == 0x1F)
+        a = mantissa ? NAN : INFINITY;
+    else if (exponent == 0)
+        a = std::ldexp(double(mantissa), -24);
+    else
+        a = std::ldexp(double(mantissa + 1024), exponent - 25);
+    return float((bits & 0x8000) ? -a : a);
+}
+
+}  // namespace
+
+float decode16(uint16_t bits, Storage s) {
+    if (s == Storage::BF16) {
+        const uint32_t wide = uint32_t(bits) << 16;
+        float f;
+        std::memcpy(&f, &wide, 4);
+        return f;
+    }
+    if (s != Storage::F16) throw std::invalid_argument("decode16: not a 16-bit storage type");
+    static const std::vector<float> table = [] {  // every f16 value, decoded once
+        std::vector<float> t(65536);
+        for (uint32_t b = 0; b < 65536; b++) t[b] = decode_f16(uint16_t(b));
+        return t;
+    }();
+    return table[bits];
 }
 
 }  // namespace normgen::ref

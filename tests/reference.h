@@ -5,6 +5,12 @@
 // (C innermost: index (n*S + s)*C + c). Semantics are PyTorch's:
 //   forward  = torch.nn.functional.batch_norm + the module's running-statistics bookkeeping
 //   backward = aten::native_batch_norm_backward (train: saved batch statistics; eval: running)
+// with the fused forms of issue 3: y = act(bn(x) [+ z]), act = identity or ReLU, and their
+// gradient (dy masked where the pre-activation bn(x) [+ z] is not > 0; dz = that masked dy).
+//
+// Reduced precision (f16, bf16 storage): the reference takes the *stored* values, decoded to
+// float (exactly: every f16/bf16 value is a float), computes in float64, and gives float64
+// results; round_to_storage() says what the correctly rounded stored result of a value is.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +42,8 @@ struct Params {
     bool affine = true;
     bool track_running_stats = true;
     bool training = true;
+    bool relu = false;      // y = max(pre, 0)
+    bool residual = false;  // pre = bn(x) + z
 };
 
 // A module's running-statistics buffers, kept in float64 by the reference.
@@ -46,6 +54,7 @@ struct RunningStats {
 
 struct ForwardResult {
     std::vector<double> y;
+    std::vector<double> pre;        // bn(x) [+ z], before the activation (= y without ReLU)
     bool batch_statistics = false;  // true: mean/invstd below are the batch's (save_mean/invstd)
     std::vector<double> mean, invstd, biased_var;  // the statistics y was normalised with
 };
@@ -53,20 +62,49 @@ struct ForwardResult {
 // weight/bias: C floats, ignored (1 and 0) unless params.affine.
 // running: updated in training when track_running_stats, read in eval; may be null only when
 // it is neither read nor written.
+// z: the residual (required iff params.residual).
 ForwardResult forward(const View &v, const Params &p, const float *x, const float *weight,
-                      const float *bias, RunningStats *running);
+                      const float *bias, RunningStats *running, const float *z = nullptr);
 
 struct BackwardResult {
     std::vector<double> dx, dweight, dbias;
+    std::vector<double> dz;      // the gradient reaching bn(x) (and z): dy, masked by the ReLU
+    std::vector<double> pre;     // with ReLU: the pre-activation the mask was taken from
     std::vector<double> invstd;  // the one the gradients were computed with
 };
 
+// The forward's fusion, as the backward needs it: with ReLU the mask is pre > 0, pre =
+// (x - mean) * invstd * weight + bias [+ z] in float64 with the statistics the backward uses
+// (saved batch statistics in training, running ones in eval). bias null means 0; z is read
+// only with relu && residual.
+struct Fusion {
+    bool relu = false;
+    const float *bias = nullptr;
+    const float *z = nullptr;
+};
+
 // As aten::native_batch_norm_backward(dy, x, weight, running_mean, running_var, save_mean,
-// save_invstd, train, eps): train uses save_mean/save_invstd, eval running_mean/running_var.
-// weight null means 1.
+// save_invstd, train, eps), applied to the masked dy: train uses save_mean/save_invstd, eval
+// running_mean/running_var. weight null means 1.
 BackwardResult backward(const View &v, const float *x, const float *dy, const float *weight,
                         const float *running_mean, const float *running_var,
                         const float *save_mean, const float *save_invstd, bool train,
-                        double eps);
+                        double eps, const Fusion &fusion = {});
+
+// ---- Storage types ------------------------------------------------------------------------
+
+// The tensor storage types of normgen: IEEE binary32, IEEE binary16 and bfloat16 (binary32's
+// top 16 bits).
+enum class Storage { F32, F16, BF16 };
+
+// v rounded to the storage type, round to nearest, ties to even, in one step from float64 (IEEE
+// semantics: gradual underflow, and magnitudes at or beyond the overflow threshold become inf).
+double round_to_storage(double v, Storage s);
+// The spacing of the storage type's values at magnitude |v| (in the binade of |v|; the
+// subnormal spacing below the smallest normal).
+double storage_ulp(double v, Storage s);
+// Bit patterns of 16-bit values (v must be exactly representable: round first), and back.
+uint16_t encode16(double v, Storage s);
+float decode16(uint16_t bits, Storage s);
 
 }  // namespace normgen::ref

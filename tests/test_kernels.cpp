@@ -1,8 +1,16 @@
 // Numeric tests: every kernel of the package, run through the runtime, against the float64
 // reference (reference.h).
 //
-//  KernelTest      every generic family (op x statistics x layout) x every ISA level this CPU
-//                  runs (capped with NORMGEN_ISA) x a table of shapes that break assumptions.
+//  KernelTest      every generic plain f32 family (op x statistics x layout) x every ISA level
+//                  this CPU runs (capped with NORMGEN_ISA) x a table of shapes that break
+//                  assumptions.
+//  VariantTest     every other generic kernel (issue 3): dtype (f32, f16, bf16) x fusion (none,
+//                  ReLU, residual add, add + ReLU) x family x layout x ISA, on a shorter table of
+//                  odd shapes (the plain f32 table above keeps the long list; the kernels share
+//                  one algorithm and one schedule, so the short table tests what differs: the
+//                  element type's extents and the fused terms).
+//  RoundingTest    f16 and bf16 outputs that land exactly on ties: round to nearest even, bit
+//                  for bit, in every family, fusion, layout and ISA.
 //  ExactShapeTest  every exact-shape kernel of the manifest, once, on its own shape.
 //  Stability       fp32 data with mean 1e4 and std 1.
 //  SeedExample, RunningStats*  PyTorch's running-statistics bookkeeping in every mode.
@@ -18,11 +26,29 @@
 //    issue's bound for save_mean [0.5 ulp: correctly rounded].
 //  - dweight, dbias (float64 sums, one rounding) and running statistics (an update in double
 //    of fp32 values): 1e-6 relative to the magnitude of the terms, ~8 ulps [6e-8].
+//  - f16 / bf16 storage: the reference computes from the stored inputs (decoded exactly), so
+//    the only new error is the final rounding of y / dx to the storage type: |got - want| <=
+//    the fp32 error above + half an ulp of the storage type at |want| (stored_near in
+//    test_support.h) [y, dx: at most 0.5 storage ulps + the fp32 error, i.e. <= 1.0 of the
+//    bound]. Half an ulp, not one: a conversion that truncates (errs by up to an ulp) fails.
+//    Statistics, running statistics, dweight and dbias stay fp32 and keep the fp32 bounds.
+//  - dz (= dy masked by the ReLU, or dy) is a copy of stored values or 0: exact.
+//  - The ReLU mask in backward is recomputed by the kernel in fp32 from x, z and the statistics:
+//    pre = (x - mean) * (invstd * w) + b [+ z], ~4 fp32 roundings of terms of magnitude T =
+//    |x - mean| * invstd * |w| + |b| + |z|, so |pre_kernel - pre_float64| <= ~2.4e-7 T. Where
+//    |pre_float64| <= kMaskEps * T (1e-6: 4x that) the mask may legitimately differ; there dy
+//    is set to 0 before the call, so either mask value gives the same g and every output is
+//    still compared everywhere. How many elements that touched is reported
+//    ("mask_boundary [elements]"; 0 in the shapes here so far).
 #include "test_support.h"
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <functional>
+#include <iomanip>
 #include <map>
+#include <optional>
 #include <set>
 #include <string_view>
 #include <tuple>
@@ -33,17 +59,20 @@ namespace {
 constexpr double kTensorTol = 2e-6;       // y, dx vs channel magnitude
 constexpr double kStatUlps = 2;           // save_mean, save_invstd
 constexpr double kReductionRtol = 1e-6;   // dweight, dbias, running_mean, running_var
+constexpr double kMaskEps = 1e-6;         // ReLU mask boundary band, relative to pre's terms
 
 // ---- One kernel family on one tensor -------------------------------------------------------
 
+// x, dy and z hold values of the tensor's dtype (rounded to it: the stored values, exactly as
+// the kernels read them); weight, bias and running statistics are fp32 whatever the dtype.
 struct CaseData {
     ng_tensor t{};
     ref::View v;
-    std::vector<float> x, dy, weight, bias, running_mean, running_var;
+    std::vector<float> x, dy, z, weight, bias, running_mean, running_var;
 };
 
 // Channels get distinct means and spreads so that a channel mix-up cannot pass; weights take
-// both signs.
+// both signs. The residual z is of the size of bn(x), so that it moves the ReLU's threshold.
 CaseData make_data(const ng_tensor &t, uint64_t seed) {
     CaseData d;
     d.t = t;
@@ -65,12 +94,19 @@ CaseData make_data(const ng_tensor &t, uint64_t seed) {
     d.bias = uniform_vector(C, rng, -1, 1);
     d.running_mean = uniform_vector(C, rng, -1, 1);
     d.running_var = uniform_vector(C, rng, 0.5, 2);
+    d.z = uniform_vector(d.v.size(), rng, -2, 2);  // drawn last: the f32 data of issue 2 stays
+    if (t.dtype != NG_F32) {
+        d.x = round_to(d.x, t.dtype);
+        d.dy = round_to(d.dy, t.dtype);
+        d.z = round_to(d.z, t.dtype);
+    }
     return d;
 }
 
-size_t hash_of(const std::vector<float> &v) {
-    return std::hash<std::string_view>{}(
-        std::string_view(reinterpret_cast<const char *>(v.data()), v.size() * sizeof(float)));
+GuardedTensor stored(const ng_tensor &t, const std::vector<float> &values) {
+    GuardedTensor g(t.dtype, int64_t(values.size()));
+    g.assign(values);
+    return g;
 }
 
 std::vector<double> to_double(const std::vector<float> &v) { return {v.begin(), v.end()}; }
@@ -84,47 +120,89 @@ std::vector<double> update_scale(const std::vector<float> &old, const std::vecto
     return s;
 }
 
-// Runs family f on d through rt and checks every output against the reference, every output
-// buffer's canaries, and that inputs are unchanged. eps is deliberately not the default so a
-// kernel that ignores it fails.
+// dy with 0 wherever the ReLU mask of the backward is ambiguous (|pre| within kMaskEps of its
+// terms; see the header), and how many such elements there were.
+std::vector<float> dy_off_mask_boundary(const CaseData &d, const FusedOps &fused,
+                                        const float *mean, const std::vector<double> &invstd,
+                                        int64_t *ambiguous) {
+    std::vector<float> dy = d.dy;
+    *ambiguous = 0;
+    if (!fused.relu) return dy;
+    d.v.for_each([&](int64_t c, int64_t i) {
+        const double xmu = double(d.x[i]) - mean[c];
+        const double zi = fused.residual ? double(d.z[i]) : 0.0;
+        const double pre = xmu * invstd[c] * d.weight[c] + d.bias[c] + zi;
+        const double terms =
+            std::fabs(xmu) * invstd[c] * std::fabs(d.weight[c]) + std::fabs(d.bias[c]) +
+            std::fabs(zi);
+        if (std::fabs(pre) <= kMaskEps * terms) {
+            dy[i] = 0.0f;
+            ++*ambiguous;
+        }
+    });
+    return dy;
+}
+
+// Runs family f (with the fused ops) on d through rt and checks every output against the
+// reference, every buffer's canaries, and that inputs are unchanged. eps is deliberately not
+// the default so a kernel that ignores it fails.
 void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseData &d,
-                  double eps = 1e-3) {
-    const std::string where = std::string(family_name(f)) + " " + shape_string(d.t) + " " + isa;
+                  double eps = 1e-3, const FusedOps &fused = {}) {
+    const std::string fusion = fusion_name(fused);
+    const std::string where = std::string(family_name(f)) + (fusion.empty() ? "" : " " + fusion) +
+                              " " + shape_string(d.t) + " " + isa;
     SCOPED_TRACE(where);
+    // Error report categories: y, dx, ... for f32; y_bf16, dx_f16, ... for the others.
+    const ng_dtype dt = d.t.dtype;
+    const std::string sfx = dt == NG_F32 ? "" : std::string("_") + dtype_name(dt);
     ng_batch_norm_params p = ng_batch_norm_params_default();
     p.eps = eps;
     p.momentum = 0.1;
     p.training = family_training(f);
+    set_fusion(p, fused);
     ng_plan *raw = nullptr;
     ASSERT_EQ(ng_plan_create(rt, family_op(f), &d.t, &p, &raw), NG_OK) << ng_last_error();
     PlanPtr plan(raw);
     // The plan must have chosen the kernel under test, or the test would test another one.
-    ASSERT_EQ(chosen_kernel(plan.get()), expected_kernel(f, d.t, isa))
+    ASSERT_EQ(chosen_kernel(plan.get()), expected_kernel(f, d.t, isa, fused))
         << ng_plan_describe(plan.get());
 
     const ref::View &v = d.v;
     const int64_t C = v.c;
-    const size_t x_hash = hash_of(d.x), dy_hash = hash_of(d.dy);
+    const GuardedTensor x = stored(d.t, d.x);
+    const GuardedTensor z = stored(d.t, fused.residual ? d.z : std::vector<float>());
+    const size_t x_hash = x.hash(), z_hash = z.hash();
+    const float *zf = fused.residual ? d.z.data() : nullptr;
     ref::Params rp;
     rp.eps = eps;
     rp.momentum = 0.1;
     rp.training = p.training;
+    rp.relu = fused.relu;
+    rp.residual = fused.residual;
 
     if (family_op(f) == NG_OP_FORWARD) {
-        Guarded y(v.size()), save_mean(C), save_invstd(C), rm(C), rv(C);
+        GuardedTensor y(dt, v.size());
+        Guarded save_mean(C), save_invstd(C), rm(C), rv(C);
         rm.copy_from(d.running_mean);
         rv.copy_from(d.running_var);
         int64_t nbt = 5;
-        ASSERT_EQ(ng_batch_norm_forward(plan.get(), d.x.data(), nullptr, y.data(),
-                                        d.weight.data(), d.bias.data(), rm.data(), rv.data(),
-                                        &nbt, save_mean.data(), save_invstd.data()),
+        ASSERT_EQ(ng_batch_norm_forward(plan.get(), x.data(), fused.residual ? z.data() : nullptr,
+                                        y.data(), d.weight.data(), d.bias.data(), rm.data(),
+                                        rv.data(), &nbt, save_mean.data(), save_invstd.data()),
                   NG_OK)
             << ng_last_error();
         ref::RunningStats rs{to_double(d.running_mean), to_double(d.running_var), 5};
         const ref::ForwardResult r =
-            ref::forward(v, rp, d.x.data(), d.weight.data(), d.bias.data(), &rs);
-        EXPECT_TRUE(tensor_near("y " + where, y.data(), r.y, v, kTensorTol,
-                                output_scale(v, d.x.data(), r, d.weight.data(), d.bias.data())));
+            ref::forward(v, rp, d.x.data(), d.weight.data(), d.bias.data(), &rs, zf);
+        const std::vector<float> got = y.values();
+        EXPECT_TRUE(stored_near("y" + sfx + " " + where, dt, got.data(), r.y, v, kTensorTol,
+                                output_scale(v, d.x.data(), r, d.weight.data(), d.bias.data(),
+                                             zf)));
+        if (fused.relu) {
+            int64_t negative = 0;
+            for (float e : got) negative += !(e >= 0);  // NaN counts
+            EXPECT_EQ(negative, 0) << "ReLU output below 0 (or NaN)";
+        }
         if (p.training) {
             EXPECT_TRUE(channels_within_ulps("save_mean " + where, save_mean.data(), r.mean,
                                              kStatUlps));
@@ -140,40 +218,78 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
             EXPECT_EQ(rv.vec(), d.running_var) << "eval must not change running_var";
             EXPECT_EQ(nbt, 5) << "eval must not change num_batches_tracked";
         }
-        for (auto *g : {&y, &save_mean, &save_invstd, &rm, &rv})
+        EXPECT_TRUE(y.check_canaries("y " + where));
+        for (auto *g : {&save_mean, &save_invstd, &rm, &rv})
             EXPECT_TRUE(g->check_canaries(where));
     } else {
         // Batch statistics for training come from the reference forward, rounded to fp32 as a
         // forward pass would save them, so this tests the backward kernel alone.
         std::vector<float> save_mean, save_invstd;
+        std::vector<double> invstd(static_cast<size_t>(C));
         if (p.training) {
-            ref::Params stats = rp;
+            ref::Params stats;
+            stats.eps = eps;
             stats.track_running_stats = false;  // only the batch statistics are wanted
             const ref::ForwardResult fwd =
                 ref::forward(v, stats, d.x.data(), d.weight.data(), d.bias.data(), nullptr);
             save_mean.assign(fwd.mean.begin(), fwd.mean.end());
             save_invstd.assign(fwd.invstd.begin(), fwd.invstd.end());
+            invstd.assign(save_invstd.begin(), save_invstd.end());
+        } else {
+            for (int64_t c = 0; c < C; c++)
+                invstd[c] = 1.0 / std::sqrt(double(d.running_var[c]) + eps);
         }
         const float *sm = p.training ? save_mean.data() : nullptr;
         const float *si = p.training ? save_invstd.data() : nullptr;
-        Guarded dx(v.size()), dweight(C), dbias(C);
-        ASSERT_EQ(ng_batch_norm_backward(plan.get(), d.x.data(), d.dy.data(), nullptr,
-                                         d.weight.data(), nullptr, d.running_mean.data(),
-                                         d.running_var.data(), sm, si, dx.data(), dweight.data(),
-                                         dbias.data(), nullptr),
+        int64_t ambiguous = 0;
+        const std::vector<float> dy_values = dy_off_mask_boundary(
+            d, fused, p.training ? sm : d.running_mean.data(), invstd, &ambiguous);
+        record_error("mask_boundary [elements]", double(ambiguous));
+        const GuardedTensor dy = stored(d.t, dy_values);
+        const size_t dy_hash = dy.hash();
+        GuardedTensor dx(dt, v.size()), dz(dt, fused.residual ? v.size() : 0);
+        dz.fill(-7.0f);
+        Guarded dweight(C), dbias(C);
+        ASSERT_EQ(ng_batch_norm_backward(
+                      plan.get(), x.data(), dy.data(),
+                      fused.residual && fused.relu ? z.data() : nullptr, d.weight.data(),
+                      fused.relu ? d.bias.data() : nullptr, d.running_mean.data(),
+                      d.running_var.data(), sm, si, dx.data(), dweight.data(), dbias.data(),
+                      fused.residual ? dz.data() : nullptr),
                   NG_OK)
             << ng_last_error();
+        ref::Fusion rf;
+        rf.relu = fused.relu;
+        rf.bias = d.bias.data();
+        rf.z = fused.residual ? d.z.data() : nullptr;
         const ref::BackwardResult r =
-            ref::backward(v, d.x.data(), d.dy.data(), d.weight.data(), d.running_mean.data(),
-                          d.running_var.data(), sm, si, p.training, eps);
-        EXPECT_TRUE(tensor_near("dx " + where, dx.data(), r.dx, v, kTensorTol,
-                                    gradient_scale(v, d.dy.data(), d.weight.data(), r.invstd)));
+            ref::backward(v, d.x.data(), dy_values.data(), d.weight.data(),
+                          d.running_mean.data(), d.running_var.data(), sm, si, p.training, eps,
+                          rf);
+        const std::vector<float> got_dx = dx.values();
+        EXPECT_TRUE(stored_near("dx" + sfx + " " + where, dt, got_dx.data(), r.dx, v, kTensorTol,
+                                gradient_scale(v, dy_values.data(), d.weight.data(), r.invstd)));
+        if (fused.residual) {
+            // dz = g: dy where the mask is on, else 0; copies of stored values, so exact.
+            const std::vector<float> got_dz = dz.values();
+            int64_t wrong = 0, first = -1;
+            for (int64_t i = 0; i < v.size(); i++)
+                if (!(double(got_dz[i]) == r.dz[i]) && wrong++ == 0) first = i;
+            EXPECT_EQ(wrong, 0) << "dz differs from the masked dy; first at index " << first
+                                << ": got " << got_dz[first] << ", want " << r.dz[first];
+            EXPECT_TRUE(dz.check_canaries("dz " + where));
+        }
         EXPECT_TRUE(channels_near("dweight " + where, dweight.data(), r.dweight, kReductionRtol));
         EXPECT_TRUE(channels_near("dbias " + where, dbias.data(), r.dbias, kReductionRtol));
-        for (auto *g : {&dx, &dweight, &dbias}) EXPECT_TRUE(g->check_canaries(where));
+        EXPECT_TRUE(dx.check_canaries("dx " + where));
+        for (auto *g : {&dweight, &dbias}) EXPECT_TRUE(g->check_canaries(where));
+        EXPECT_TRUE(dy.check_canaries("dy " + where));
+        EXPECT_EQ(dy.hash(), dy_hash) << "dy was modified";
     }
-    EXPECT_EQ(hash_of(d.x), x_hash) << "x was modified";
-    EXPECT_EQ(hash_of(d.dy), dy_hash) << "dy was modified";
+    EXPECT_TRUE(x.check_canaries("x " + where));
+    EXPECT_TRUE(z.check_canaries("z " + where));
+    EXPECT_EQ(x.hash(), x_hash) << "x was modified";
+    EXPECT_EQ(z.hash(), z_hash) << "z was modified";
 }
 
 // ---- Generic kernels: ISA x family x shape table x format ---------------------------------
@@ -233,42 +349,167 @@ TEST_P(KernelTest, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Generic, KernelTest, ::testing::ValuesIn(kernel_cases()), case_name);
 
-// Every generic kernel the test table claims to cover is in the manifest, and every generic
-// kernel of the manifest is covered by the table (so a new family or ISA cannot go untested).
+// ---- Every other generic kernel: dtype x fusion x family x ISA x short shape table ----------
+
+// Fewer shapes than kShapes, each for a reason: C = 1; BatchNorm1d (N, C) (served by the
+// channels-last kernel in both formats); N = 1 with S > 1; every extent odd and no multiple of a
+// vector width; 2d with C = 19 and S = 36; 3d; and one large enough for several channels-last
+// parallel tasks with a partial last one (105800 elements; tasks take ~65536).
+const std::vector<std::vector<int64_t>> kVariantShapes = {
+    {2, 1, 7}, {5, 17}, {1, 3, 17}, {3, 5, 7}, {2, 19, 6, 6}, {2, 3, 3, 4, 5}, {5, 40, 23, 23}};
+
+struct VariantCase {
+    std::string isa;
+    Family family;
+    ng_dtype dtype;
+    FusedOps fused;
+    std::vector<int64_t> shape;
+    ng_memory_format format;
+};
+
+std::vector<VariantCase> variant_cases() {
+    std::vector<VariantCase> cases;
+    for (const auto &isa : isa_levels())
+        for (Family f : kFamilies)
+            for (ng_dtype dt : all_dtypes())
+                for (const FusedOps &fused : all_fusions()) {
+                    if (dt == NG_F32 && fused.plain()) continue;  // KernelTest
+                    for (const auto &shape : kVariantShapes)
+                        for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                            cases.push_back({isa, f, dt, fused, shape, fmt});
+                }
+    return cases;
+}
+
+std::string variant_case_name(const ::testing::TestParamInfo<VariantCase> &info) {
+    const VariantCase &k = info.param;
+    const std::string fusion = fusion_name(k.fused);
+    std::string s = k.isa + "_" + family_name(k.family) + "_" + dtype_name(k.dtype) +
+                    (fusion.empty() ? "" : "_" + fusion) + "_";
+    for (size_t i = 0; i < k.shape.size(); i++) s += (i ? "x" : "") + std::to_string(k.shape[i]);
+    return s + (k.format == NG_CHANNELS_LAST ? "_cl" : "_contig");
+}
+
+class VariantTest : public ::testing::TestWithParam<VariantCase> {};
+
+TEST_P(VariantTest, MatchesReference) {
+    const VariantCase &k = GetParam();
+    if (!cpu_supports(k.isa)) GTEST_SKIP() << "this CPU cannot run " << k.isa;
+    ng_runtime *rt = runtime_for_isa(k.isa);
+    ASSERT_NE(rt, nullptr);
+    const ng_tensor t = make_tensor(k.shape, k.format, k.dtype);
+    uint64_t seed = 3 + uint64_t(k.dtype);
+    for (int64_t e : k.shape) seed = seed * 131 + uint64_t(e);
+    check_family(rt, k.isa, k.family, make_data(t, seed), 1e-3, k.fused);
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, VariantTest, ::testing::ValuesIn(variant_cases()),
+                         variant_case_name);
+
+// ---- Coverage: a kernel in the manifest without a test fails the suite ---------------------
+
+// The family a manifest entry belongs to, from its fields.
+std::optional<Family> family_of(const nlohmann::json &e) {
+    const std::string op = e.at("op"), stats = e.at("statistics");
+    if (op == "forward") return stats == "batch" ? Family::FwdTrain : Family::FwdInfer;
+    if (op == "backward") return stats == "batch" ? Family::BwdTrain : Family::BwdEval;
+    return std::nullopt;
+}
+
+std::optional<ng_dtype> dtype_named(const std::string &name) {
+    for (ng_dtype dt : all_dtypes())
+        if (name == dtype_name(dt)) return dt;
+    return std::nullopt;
+}
+
+FusedOps fused_of(const nlohmann::json &e) {
+    return {e.at("activation") == "relu", e.at("residual").get<bool>()};
+}
+
+// Every generic kernel the test tables claim to cover is in the manifest, and every generic
+// kernel of the manifest is covered by a table (so a new family, dtype, fusion or ISA cannot go
+// untested).
 TEST(KernelCoverage, TableCoversEveryGenericKernel) {
     std::set<std::string> covered;
     for (const auto &k : kernel_cases())
         covered.insert(expected_kernel(k.family, make_tensor(k.shape, k.format), k.isa));
+    for (const auto &k : variant_cases())
+        covered.insert(
+            expected_kernel(k.family, make_tensor(k.shape, k.format, k.dtype), k.isa, k.fused));
     std::set<std::string> in_manifest;
     for (const auto &e : manifest().at("kernels"))
         if (e.at("shape").at("kind") == "generic") in_manifest.insert(e.at("name"));
     EXPECT_EQ(covered, in_manifest);
-    EXPECT_EQ(in_manifest.size(), 4u * 2u * isa_levels().size());
+    // families x layouts x ISA levels x dtypes x fusions
+    EXPECT_EQ(in_manifest.size(), 4u * 2u * isa_levels().size() * 3u * 4u);
+}
+
+// The tests find kernels by name (expected_kernel); the runtime by the manifest's fields. Both
+// must agree: every entry's name is <family>_<dtype>_<layout>[_<fusion>]_<isa>[_n_c_s] of its
+// own fields, with known values.
+TEST(KernelCoverage, NamesFollowFields) {
+    size_t checked = 0;
+    for (const auto &e : manifest().at("kernels")) {
+        const std::string name = e.at("name");
+        SCOPED_TRACE(name);
+        const auto family = family_of(e);
+        const auto dtype = dtype_named(e.at("dtype"));
+        ASSERT_TRUE(family.has_value()) << e.at("op") << " " << e.at("statistics");
+        ASSERT_TRUE(dtype.has_value()) << e.at("dtype");
+        ASSERT_TRUE(e.at("activation") == "none" || e.at("activation") == "relu")
+            << e.at("activation");
+        ASSERT_TRUE(e.at("residual").is_boolean()) << e.at("residual");
+        const std::string layout = e.at("layout");
+        ASSERT_TRUE(layout == "contig" || layout == "cl") << layout;
+        const std::string fusion = fusion_name(fused_of(e));
+        std::string want = std::string(family_name(*family)) + "_" + dtype_name(*dtype) + "_" +
+                           layout + (fusion.empty() ? "" : "_" + fusion) + "_" +
+                           e.at("isa").get<std::string>();
+        const auto &shape = e.at("shape");
+        if (shape.at("kind") == "exact")
+            want += "_n" + std::to_string(shape.at("n").get<int64_t>()) + "_c" +
+                    std::to_string(shape.at("c").get<int64_t>()) + "_s" +
+                    std::to_string(shape.at("s").get<int64_t>());
+        else
+            ASSERT_EQ(shape.at("kind"), "generic");
+        EXPECT_EQ(name, want);
+        checked++;
+    }
+    EXPECT_GT(checked, 0u);
 }
 
 // ---- Exact-shape kernels: each once, on its own shape -------------------------------------
 
 struct ExactCase {
     std::string isa, layout;
+    ng_dtype dtype = NG_F32;
+    FusedOps fused;
     int64_t n, c, s;
     std::vector<Family> families;
 };
 
+std::string exact_case_name(const ExactCase &k) {
+    const std::string fusion = fusion_name(k.fused);
+    std::string s = k.isa + "_" + k.layout + "_n" + std::to_string(k.n) + "_c" +
+                    std::to_string(k.c) + "_s" + std::to_string(k.s);
+    if (k.dtype != NG_F32 || !k.fused.plain())  // plain f32 keeps the names of issue 2
+        s += std::string("_") + dtype_name(k.dtype) + (fusion.empty() ? "" : "_" + fusion);
+    return s;
+}
+
+// One case per (ISA, layout, dtype, fusion, shape), with the families the manifest has for it.
 std::vector<ExactCase> exact_cases() {
     std::map<std::string, ExactCase> by_key;
     try {
         for (const auto &e : manifest().at("kernels")) {
             const auto &shape = e.at("shape");
             if (shape.at("kind") != "exact") continue;
-            ExactCase k{e.at("isa"), e.at("layout"), shape.at("n"), shape.at("c"),
-                        shape.at("s"), {}};
-            const std::string key = k.isa + "_" + k.layout + "_n" + std::to_string(k.n) + "_c" +
-                                    std::to_string(k.c) + "_s" + std::to_string(k.s);
-            ExactCase &entry = by_key.emplace(key, k).first->second;
-            const std::string name = e.at("name");
-            for (Family f : kFamilies)
-                if (name.rfind(std::string(family_name(f)) + "_", 0) == 0)
-                    entry.families.push_back(f);
+            const auto family = family_of(e);
+            const auto dtype = dtype_named(e.at("dtype"));
+            if (!family || !dtype) continue;  // NamesFollowFields fails, and the count below
+            ExactCase k{e.at("isa"), e.at("layout"), *dtype,       fused_of(e),
+                        shape.at("n"), shape.at("c"),   shape.at("s"), {}};
+            by_key.emplace(exact_case_name(k), k).first->second.families.push_back(*family);
         }
     } catch (const std::exception &) {
         // An unreadable manifest fails ExactShapeCoverage below; no cases here.
@@ -282,11 +523,11 @@ std::vector<ExactCase> exact_cases() {
 // must serve with the channels-last kernel), 4-D with square H = W where S is a square (all of
 // ResNet-50's), 3-D otherwise.
 ng_tensor exact_tensor(const ExactCase &k) {
-    if (k.s == 1) return make_tensor({k.n, k.c}, NG_CONTIGUOUS);
+    if (k.s == 1) return make_tensor({k.n, k.c}, NG_CONTIGUOUS, k.dtype);
     const ng_memory_format fmt = k.layout == "cl" ? NG_CHANNELS_LAST : NG_CONTIGUOUS;
     const auto h = int64_t(std::llround(std::sqrt(double(k.s))));
-    if (h * h == k.s) return make_tensor({k.n, k.c, h, h}, fmt);
-    return make_tensor({k.n, k.c, k.s}, fmt);
+    if (h * h == k.s) return make_tensor({k.n, k.c, h, h}, fmt, k.dtype);
+    return make_tensor({k.n, k.c, k.s}, fmt, k.dtype);
 }
 
 class ExactShapeTest : public ::testing::TestWithParam<ExactCase> {};
@@ -301,16 +542,14 @@ TEST_P(ExactShapeTest, MatchesReference) {
     const CaseData d = make_data(t, uint64_t(k.n * 1000003 + k.c * 1009 + k.s));
     for (Family f : k.families) {
         // expected_kernel() names the exact kernel, which exists: the plan must choose it.
-        ASSERT_NE(expected_kernel(f, t, k.isa).find("_n"), std::string::npos);
-        check_family(rt, k.isa, f, d, 1e-5);
+        ASSERT_NE(expected_kernel(f, t, k.isa, k.fused).find("_n"), std::string::npos);
+        check_family(rt, k.isa, f, d, 1e-5, k.fused);
     }
 }
 
 INSTANTIATE_TEST_SUITE_P(Manifest, ExactShapeTest, ::testing::ValuesIn(exact_cases()),
                          [](const ::testing::TestParamInfo<ExactCase> &info) {
-                             const ExactCase &k = info.param;
-                             return k.isa + "_" + k.layout + "_n" + std::to_string(k.n) + "_c" +
-                                    std::to_string(k.c) + "_s" + std::to_string(k.s);
+                             return exact_case_name(info.param);
                          });
 
 TEST(ExactShapeCoverage, EveryExactKernelIsTested) {
@@ -320,6 +559,437 @@ TEST(ExactShapeCoverage, EveryExactKernelIsTested) {
     for (const auto &k : exact_cases()) covered += k.families.size();
     EXPECT_GT(kernels, 0u) << "the package has no exact-shape kernels";
     EXPECT_EQ(covered, kernels);
+}
+
+// ---- Round to nearest even, bit for bit ----------------------------------------------------
+
+// Inputs built so that the kernels compute every output exactly in fp32 and the only rounding
+// is the final conversion to f16 / bf16; many outputs then land exactly on a tie (halfway
+// between two storage values), where round-to-nearest-even is the only correct answer. The
+// stored results must equal the reference's correctly rounded values bit for bit (up to the
+// sign of a zero). Every family, fusion, layout and ISA (f16 on sse41 is converted in software,
+// with f16c on avx2 / avx512: both must round to nearest even).
+//
+// How each family's arithmetic is made exact (p = significant bits: 11 for f16, 8 for bf16):
+//  - forward inference: running_var = 1 - 2^-10 and eps = 2^-10, so 1/sqrt(running_var + eps)
+//    is 1 exactly and the kernel's scale is the weight (+-1); y = (x - running_mean) * w + b + z
+//    with x, running_mean, z multiples of q (the spacing of the channel's binade) and b = q/2.
+//  - forward training: each channel holds +a and -a equally often, a = 1 - 2^-p, so the batch
+//    mean is 0 and the biased variance a^2 = 1 - 2^(1-p) + 2^-2p (exact in float64); eps =
+//    1 - a^2 makes invstd 1 exactly. y = x * w + b + z with w = +-2^k and b = +- half the
+//    spacing of |x * w|'s binade.
+//  - backward (eval and training): invstd 1 (eval: as above; training: save_invstd = 1 and
+//    save_mean = 0 given directly) and weights with 2 or 3 significant bits (1.5, 0.625, ...),
+//    so dx = g * w is exact in fp32 and often a tie. In training, dy comes in pairs (+d, -d) at
+//    equal x and z, so sum(g) and sum(g * x) are exactly 0 whatever the ReLU mask, the two
+//    correction terms of dx vanish, and dx = g * w again. The mask's inputs (x = k/8, b = +-1/16,
+//    z = j/4) make pre exact in fp32 too, and sometimes exactly 0 (masked: ReLU's gradient at 0
+//    is 0).
+// Channels use different binades, including f16's smallest normal and its subnormals, and the
+// largest (where a tie above the largest finite value rounds to inf, as IEEE says).
+
+int precision_of(ng_dtype dt) { return dt == NG_F16 ? 11 : 8; }
+
+// A binade of the storage type: values base + k * spacing, 0 <= k < 2^(p-1), base = 2^exponent
+// (or 0 with f16's subnormal spacing 2^-24).
+struct Binade {
+    int exponent;
+    bool subnormal = false;
+};
+
+std::vector<Binade> rounding_binades(ng_dtype dt) {
+    if (dt == NG_F16) return {{0}, {-3}, {4}, {-14}, {-24, true}, {15}, {-1}};
+    return {{0}, {-3}, {4}, {-100}, {40}, {127}, {-1}};
+}
+
+double spacing_of(const Binade &b, int p) {
+    return b.subnormal ? std::ldexp(1.0, -24) : std::ldexp(1.0, b.exponent + 1 - p);
+}
+
+// A random storage value of the binade, with a random sign.
+double draw(Rng &rng, const Binade &b, int p) {
+    const auto k = int64_t(rng.next() % (uint64_t(1) << (b.subnormal ? 10 : p - 1)));
+    const double base = b.subnormal ? 0.0 : std::ldexp(1.0, b.exponent);
+    const double v = base + double(k) * spacing_of(b, p);
+    return (rng.next() & 1) ? -v : v;
+}
+
+struct RoundingData {
+    std::vector<float> x, z, dy, weight, bias, running_mean, running_var, save_mean, save_invstd;
+    double eps = 0;
+    std::vector<double> exact;  // y (forward) or dx (backward) in float64, before rounding
+    std::vector<double> dz;     // backward: dy masked by the ReLU
+};
+
+RoundingData rounding_data(const ref::View &v, ng_dtype dt, Family f, const FusedOps &fused) {
+    const int p = precision_of(dt);
+    const std::vector<Binade> binades = rounding_binades(dt);
+    const int64_t C = v.c, M = v.n * v.s;
+    Rng rng(77 + uint64_t(dt) * 10 + uint64_t(f));
+    RoundingData d;
+    d.x.resize(v.size());
+    d.z.resize(v.size());
+    d.dy.resize(v.size());
+    d.exact.resize(v.size());
+    d.dz.resize(v.size());
+    d.weight.resize(C);
+    d.bias.resize(C);
+    d.running_mean.assign(C, 0.0f);
+    d.running_var.assign(C, 1.0f);
+    d.save_mean.assign(C, 0.0f);
+    d.save_invstd.assign(C, 1.0f);
+    auto each = [&](auto &&fn) {  // fn(c, m, index): m = n * S + s, the channel's own index
+        for (int64_t n = 0; n < v.n; n++)
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t s = 0; s < v.s; s++) fn(c, n * v.s + s, v.at(n, c, s));
+    };
+
+    if (f == Family::FwdInfer) {
+        d.eps = 0x1p-10;
+        for (int64_t c = 0; c < C; c++) {
+            const double q = spacing_of(binades[size_t(c)], p);
+            d.running_var[c] = float(1 - 0x1p-10);
+            d.running_mean[c] = float(3 * q * ((c & 1) ? -1 : 1));
+            d.weight[c] = (c % 3 == 1) ? -1.0f : 1.0f;
+            d.bias[c] = float(q / 2);
+        }
+        each([&](int64_t c, int64_t, int64_t i) {
+            const double q = spacing_of(binades[size_t(c)], p);
+            d.x[i] = float(draw(rng, binades[size_t(c)], p));
+            d.z[i] = float(double(int64_t(rng.next() % 17) - 8) * q);
+            d.exact[i] = (double(d.x[i]) - d.running_mean[c]) * d.weight[c] + d.bias[c] +
+                         (fused.residual ? double(d.z[i]) : 0.0);
+        });
+    } else if (f == Family::FwdTrain) {
+        const double a = 1 - std::ldexp(1.0, -p);
+        d.eps = 1 - a * a;  // exact: a^2 has 2p significant bits
+        const int k[] = {0, 2, -3, 5, 0, -1, 1};
+        for (int64_t c = 0; c < C; c++) {
+            // b = +-q/2: +a|w| + q/2 rounds away from zero (to the even 2^k), +a|w| - q/2
+            // toward it (to the even a|w| - q): both kinds of tie survive a ReLU.
+            d.weight[c] = float(std::ldexp((c & 1) ? -1.0 : 1.0, k[c % 7]));
+            d.bias[c] = float(std::ldexp(c % 4 < 2 ? 1.0 : -1.0, k[c % 7] - p - 1));
+        }
+        each([&](int64_t c, int64_t m, int64_t i) {
+            const double q = std::ldexp(1.0, k[c % 7] - p);  // spacing of |x * w|'s binade
+            const bool first_half = m < M / 2;
+            d.x[i] = float((first_half != bool(c & 1)) ? a : -a);
+            d.z[i] = float(double(int64_t(rng.next() % 17) - 8) * q);
+            d.exact[i] = double(d.x[i]) * d.weight[c] + d.bias[c] +
+                         (fused.residual ? double(d.z[i]) : 0.0);
+        });
+    } else {
+        const bool training = f == Family::BwdTrain;
+        d.eps = 0x1p-10;
+        const float w[] = {1.5f, -1.5f, 0.75f, 1.25f, -3.0f, 1.25f, 0.625f};
+        for (int64_t c = 0; c < C; c++) {
+            d.running_var[c] = float(1 - 0x1p-10);
+            d.weight[c] = w[c % 7];
+            d.bias[c] = (c & 1) ? -0.0625f : 0.0625f;
+        }
+        // Element m of a channel and, in training, its partner m + M/2 share x and z and get
+        // opposite dy.
+        std::vector<double> xs(size_t(C * M)), zs(size_t(C * M)), dys(size_t(C * M));
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t m = 0; m < M; m++) {
+                const size_t j = size_t(c * M + m);
+                if (training && m >= M / 2) {
+                    const size_t partner = size_t(c * M + m - M / 2);
+                    xs[j] = xs[partner], zs[j] = zs[partner], dys[j] = -dys[partner];
+                    continue;
+                }
+                xs[j] = double(int64_t(rng.next() % 33) - 16) / 8;
+                zs[j] = double(int64_t(rng.next() % 17) - 8) / 4;
+                dys[j] = draw(rng, binades[size_t(c)], p);
+            }
+        each([&](int64_t c, int64_t m, int64_t i) {
+            const size_t j = size_t(c * M + m);
+            d.x[i] = float(xs[j]);
+            d.z[i] = float(zs[j]);
+            d.dy[i] = float(dys[j]);
+            const double pre = xs[j] * d.weight[c] + d.bias[c] + (fused.residual ? zs[j] : 0.0);
+            d.dz[i] = fused.relu && !(pre > 0) ? 0.0 : dys[j];
+            d.exact[i] = d.dz[i] * d.weight[c];
+        });
+    }
+    return d;
+}
+
+struct RoundingCase {
+    std::string isa;
+    ng_dtype dtype;
+    Family family;
+    FusedOps fused;
+    ng_memory_format format;
+};
+
+std::vector<RoundingCase> rounding_cases() {
+    std::vector<RoundingCase> cases;
+    for (const auto &isa : isa_levels())
+        for (ng_dtype dt : {NG_F16, NG_BF16})
+            for (Family f : kFamilies)
+                for (const FusedOps &fused : all_fusions())
+                    for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                        cases.push_back({isa, dt, f, fused, fmt});
+    return cases;
+}
+
+// Exact values that are ties, and of those how many round toward zero and how many away: the
+// data must have both, or a conversion that truncates (or rounds half away from zero) could
+// pass.
+struct Ties {
+    int64_t toward_zero = 0, away = 0;
+    void count(double exact, ref::Storage st) {
+        if (!std::isfinite(exact) || exact == 0) return;
+        const double f = std::fabs(exact) / ref::storage_ulp(exact, st);
+        if (f - std::floor(f) != 0.5) return;
+        (std::fabs(ref::round_to_storage(exact, st)) > std::fabs(exact) ? away : toward_zero)++;
+    }
+};
+
+// got (stored) == the correctly rounded `exact`, element by element (+0 == -0; NaN == NaN).
+::testing::AssertionResult rounded_exactly(const std::string &what, const GuardedTensor &got,
+                                           const std::vector<double> &exact, Ties *ties) {
+    const ref::Storage st = storage_of(got.dtype());
+    int64_t bad = 0;
+    std::ostringstream first;
+    for (int64_t i = 0; i < got.size(); i++) {
+        const double want = ref::round_to_storage(exact[i], st);
+        ties->count(exact[i], st);
+        const double g = got.get(i);
+        if (g == want || (std::isnan(g) && std::isnan(want))) continue;
+        if (bad++ < 5)
+            first << "\n  [" << i << "] exact " << std::setprecision(17) << exact[i] << ": got "
+                  << g << " (0x" << std::hex << got.bits(i) << "), want " << want << " (0x"
+                  << ref::encode16(want, st) << std::dec << ")";
+    }
+    if (bad == 0) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << what << ": " << bad << " of " << got.size()
+                                         << " elements not rounded to nearest even"
+                                         << first.str();
+}
+
+class RoundingTest : public ::testing::TestWithParam<RoundingCase> {};
+
+TEST_P(RoundingTest, TiesToEvenBitExact) {
+    const RoundingCase &k = GetParam();
+    if (!cpu_supports(k.isa)) GTEST_SKIP() << "this CPU cannot run " << k.isa;
+    ng_runtime *rt = runtime_for_isa(k.isa);
+    ASSERT_NE(rt, nullptr);
+    const ng_tensor t = make_tensor({3, 7, 4, 5}, k.format, k.dtype);  // C odd, M = 60 even
+    const ref::View v = view_of(t);
+    const RoundingData d = rounding_data(v, k.dtype, k.family, k.fused);
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    p.eps = d.eps;
+    p.training = family_training(k.family);
+    set_fusion(p, k.fused);
+    ng_plan *raw = nullptr;
+    ASSERT_EQ(ng_plan_create(rt, family_op(k.family), &t, &p, &raw), NG_OK) << ng_last_error();
+    PlanPtr plan(raw);
+    ASSERT_EQ(chosen_kernel(plan.get()), expected_kernel(k.family, t, k.isa, k.fused));
+
+    const GuardedTensor x = stored(t, d.x), z = stored(t, d.z), dy = stored(t, d.dy);
+    Ties ties;
+    if (family_op(k.family) == NG_OP_FORWARD) {
+        GuardedTensor y(k.dtype, v.size());
+        std::vector<float> rm = d.running_mean, rv = d.running_var, sm(v.c), si(v.c);
+        int64_t nbt = 0;
+        ASSERT_EQ(ng_batch_norm_forward(plan.get(), x.data(), k.fused.residual ? z.data() : nullptr,
+                                        y.data(), d.weight.data(), d.bias.data(), rm.data(),
+                                        rv.data(), &nbt, sm.data(), si.data()),
+                  NG_OK)
+            << ng_last_error();
+        if (p.training) {
+            // The construction's premise: exact statistics.
+            for (int64_t c = 0; c < v.c; c++) {
+                ASSERT_EQ(sm[c], 0.0f) << "save_mean of channel " << c << " (expected exactly 0)";
+                ASSERT_EQ(si[c], 1.0f) << "save_invstd of channel " << c << " (expected exactly 1)";
+            }
+        }
+        std::vector<double> want = d.exact;
+        if (k.fused.relu)
+            for (auto &e : want) e = std::max(e, 0.0);
+        EXPECT_TRUE(rounded_exactly("y", y, want, &ties));
+        EXPECT_TRUE(y.check_canaries("y"));
+    } else {
+        GuardedTensor dx(k.dtype, v.size()), dz(k.dtype, v.size());
+        std::vector<float> dw(v.c, -1.0f), db(v.c, -1.0f);
+        ASSERT_EQ(ng_batch_norm_backward(
+                      plan.get(), x.data(), dy.data(),
+                      k.fused.residual && k.fused.relu ? z.data() : nullptr, d.weight.data(),
+                      d.bias.data(), d.running_mean.data(), d.running_var.data(),
+                      d.save_mean.data(), d.save_invstd.data(), dx.data(), dw.data(), db.data(),
+                      k.fused.residual ? dz.data() : nullptr),
+                  NG_OK)
+            << ng_last_error();
+        if (p.training) {
+            // The construction's premise: the correction terms of dx vanish exactly.
+            for (int64_t c = 0; c < v.c; c++) {
+                ASSERT_EQ(dw[c], 0.0f) << "dweight of channel " << c << " (expected exactly 0)";
+                ASSERT_EQ(db[c], 0.0f) << "dbias of channel " << c << " (expected exactly 0)";
+            }
+        }
+        EXPECT_TRUE(rounded_exactly("dx", dx, d.exact, &ties));
+        if (k.fused.residual) {
+            Ties none;  // dz is a copy: no rounding at all
+            EXPECT_TRUE(rounded_exactly("dz", dz, d.dz, &none));
+        }
+        EXPECT_TRUE(dx.check_canaries("dx"));
+        EXPECT_TRUE(dz.check_canaries("dz"));
+    }
+    record_error(std::string("rounding ties [count, ") + dtype_name(k.dtype) + "]",
+                 double(ties.toward_zero + ties.away));
+    EXPECT_GT(ties.toward_zero, 0) << "no tie that rounds toward zero: the data tests nothing";
+    EXPECT_GT(ties.away, 0) << "no tie that rounds away from zero: the data tests nothing";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Rounding, RoundingTest, ::testing::ValuesIn(rounding_cases()),
+    [](const ::testing::TestParamInfo<RoundingCase> &info) {
+        const RoundingCase &k = info.param;
+        const std::string fusion = fusion_name(k.fused);
+        return k.isa + "_" + family_name(k.family) + "_" + dtype_name(k.dtype) +
+               (fusion.empty() ? "" : "_" + fusion) +
+               (k.format == NG_CHANNELS_LAST ? "_cl" : "_contig");
+    });
+
+// ---- The oracle's own storage rounding ------------------------------------------------------
+
+// ref::round_to_storage / encode16 / decode16 are what the tests above trust; they are checked
+// here on hand-picked values and, for f16, against the CPU's own conversion (F16C: an
+// independent implementation) over many floats.
+TEST(Reference, StorageRoundingHandPicked) {
+    using ref::Storage;
+    auto f16 = [](double v) { return ref::round_to_storage(v, Storage::F16); };
+    auto bf16 = [](double v) { return ref::round_to_storage(v, Storage::BF16); };
+    // f16: spacing 2^-10 in [1, 2)
+    EXPECT_EQ(f16(1 + 0x1p-11), 1.0);                   // tie: to the even 1.0
+    EXPECT_EQ(f16(1 + 3 * 0x1p-11), 1 + 0x1p-9);        // tie: up, to the even neighbour
+    EXPECT_EQ(f16(-(1 + 3 * 0x1p-11)), -(1 + 0x1p-9));  // symmetric
+    EXPECT_EQ(f16(1 + 0x1p-11 + 0x1p-40), 1 + 0x1p-10);  // just above a tie
+    EXPECT_EQ(f16(2 - 0x1p-12), 2.0);                   // rounds up into the next binade
+    EXPECT_EQ(f16(65504 + 15.99), 65504.0);             // below the overflow threshold
+    EXPECT_EQ(f16(65520), INFINITY);                    // the tie above the largest finite
+    EXPECT_EQ(f16(-65520), -INFINITY);
+    EXPECT_EQ(f16(0x1p-24), 0x1p-24);                   // smallest subnormal
+    EXPECT_EQ(f16(0x1p-25), 0.0);                       // tie between 0 and it: 0
+    EXPECT_EQ(f16(3 * 0x1p-25), 0x1p-23);               // tie: to the even 2 * 2^-24
+    EXPECT_TRUE(std::signbit(f16(-0x1p-26)));           // underflow keeps the sign
+    // bf16: spacing 2^-7 in [1, 2)
+    EXPECT_EQ(bf16(1 + 0x1p-8), 1.0);
+    EXPECT_EQ(bf16(1 + 3 * 0x1p-8), 1 + 0x1p-6);
+    EXPECT_EQ(bf16(0x1.fep127 + 0x1p119), INFINITY);  // largest finite + half its spacing
+    EXPECT_EQ(bf16(0x1.fep127 + 0x1p118), 0x1.fep127);
+    EXPECT_EQ(ref::storage_ulp(1.5, Storage::F16), 0x1p-10);
+    EXPECT_EQ(ref::storage_ulp(1e-6, Storage::F16), 0x1p-24);  // subnormal spacing
+    EXPECT_EQ(ref::storage_ulp(1.5, Storage::BF16), 0x1p-7);
+    // Bit patterns
+    EXPECT_EQ(ref::encode16(1.0, Storage::F16), 0x3C00);
+    EXPECT_EQ(ref::encode16(-2.0, Storage::F16), 0xC000);
+    EXPECT_EQ(ref::encode16(65504, Storage::F16), 0x7BFF);
+    EXPECT_EQ(ref::encode16(0x1p-24, Storage::F16), 0x0001);
+    EXPECT_EQ(ref::encode16(INFINITY, Storage::F16), 0x7C00);
+    EXPECT_EQ(ref::encode16(1.0, Storage::BF16), 0x3F80);
+    EXPECT_EQ(ref::encode16(-INFINITY, Storage::BF16), 0xFF80);
+    EXPECT_THROW(ref::encode16(1 + 0x1p-11, Storage::F16), std::invalid_argument);
+    EXPECT_THROW(ref::encode16(1 + 0x1p-8, Storage::BF16), std::invalid_argument);
+    // Every non-NaN bit pattern decodes and encodes back to itself.
+    for (uint32_t b = 0; b < 65536; b++)
+        for (Storage st : {Storage::F16, Storage::BF16}) {
+            const float f = ref::decode16(uint16_t(b), st);
+            if (std::isnan(f)) continue;
+            ASSERT_EQ(ref::encode16(f, st), b) << std::hex << "0x" << b;
+            ASSERT_EQ(ref::round_to_storage(f, st), f) << std::hex << "0x" << b;
+        }
+}
+
+__attribute__((target("f16c"))) uint16_t hardware_f16(float f) {
+    return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// bf16 rounding the usual bit way (add 0x7FFF plus the lowest kept bit): a second, independent
+// formulation of round-to-nearest-even, valid for finite floats.
+uint16_t bit_trick_bf16(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+TEST(Reference, StorageRoundingMatchesIndependentConversions) {
+    Rng rng(2024);
+    int64_t checked = 0;
+    for (int i = 0; i < 400000; i++) {
+        // Random bit patterns over the whole float range, plus exact ties near 1.
+        uint32_t bits = uint32_t(rng.next());
+        if (i % 4 == 0) bits = (bits & 0x8000FFFFu) | 0x3F800000u;  // [1, 2): many low bits
+        if (i % 8 == 1) bits = (bits & 0x803FE000u) | 0x3F801000u;  // f16 ties in [1, 2)
+        if (i % 8 == 3) bits = (bits & 0x807F0000u) | 0x3F808000u;  // bf16 ties in [1, 2)
+        float f;
+        std::memcpy(&f, &bits, 4);
+        if (std::isnan(f)) continue;
+        if (std::isfinite(f)) {
+            ASSERT_EQ(ref::encode16(ref::round_to_storage(f, ref::Storage::BF16),
+                                    ref::Storage::BF16),
+                      bit_trick_bf16(f))
+                << std::hexfloat << f;
+        }
+        if (__builtin_cpu_supports("f16c")) {
+            ASSERT_EQ(ref::encode16(ref::round_to_storage(f, ref::Storage::F16), ref::Storage::F16),
+                      hardware_f16(f))
+                << std::hexfloat << f;
+        }
+        checked++;
+    }
+    EXPECT_GT(checked, 300000);
+}
+
+// The comparison used for f16/bf16 tensors must reject a conversion that truncates: values
+// rounded toward zero to bf16 err by up to a whole ulp.
+TEST(Reference, StoredNearRejectsTruncation) {
+    const ref::View v{1, 1, 4096, false};
+    Rng rng(9);
+    std::vector<double> want(4096);
+    std::vector<float> rounded(4096), truncated(4096);
+    for (size_t i = 0; i < want.size(); i++) {
+        want[i] = rng.uniform(-4, 4);
+        rounded[i] = float(ref::round_to_storage(want[i], ref::Storage::BF16));
+        const float f = float(want[i]);
+        uint32_t b;
+        std::memcpy(&b, &f, 4);
+        b &= 0xFFFF0000u;
+        std::memcpy(&truncated[i], &b, 4);
+    }
+    EXPECT_TRUE(stored_near("selftest", NG_BF16, rounded.data(), want, v, 2e-6));
+    EXPECT_FALSE(stored_near("selftest", NG_BF16, truncated.data(), want, v, 2e-6));
+}
+
+// The fused forward and backward of the reference on a case worked by hand: x = (-1, -1, 1, 1)
+// in one channel (mean 0, biased var 1; eps 0 so invstd = 1), w = 2, b = 0.5,
+// z = (0, 2, -2, 0): pre = (-1.5, 0.5, 0.5, 2.5).
+TEST(Reference, FusedByHand) {
+    const ref::View v{4, 1, 1, false};
+    const std::vector<float> x = {-1, -1, 1, 1}, z = {0, 2, -2, 0}, dy = {1, 1, 1, 1};
+    const float w = 2, b = 0.5f;
+    ref::Params p;
+    p.eps = 0;
+    p.track_running_stats = false;
+    p.relu = true;
+    p.residual = true;
+    const ref::ForwardResult r = ref::forward(v, p, x.data(), &w, &b, nullptr, z.data());
+    EXPECT_EQ(r.pre, (std::vector<double>{-1.5, 0.5, 0.5, 2.5}));
+    EXPECT_EQ(r.y, (std::vector<double>{0, 0.5, 0.5, 2.5}));
+    // g = (0, 1, 1, 1): sum 3, sum(g * xhat) = 1; dx = (g - 3/4 - xhat / 4) * 2.
+    const float mean = 0, invstd = 1;
+    ref::Fusion fusion;
+    fusion.relu = true;
+    fusion.bias = &b;
+    fusion.z = z.data();
+    const ref::BackwardResult g = ref::backward(v, x.data(), dy.data(), &w, nullptr, nullptr,
+                                                &mean, &invstd, true, 0, fusion);
+    EXPECT_EQ(g.dz, (std::vector<double>{0, 1, 1, 1}));
+    EXPECT_EQ(g.dx, (std::vector<double>{-1, 1, 0, 0}));
+    EXPECT_EQ(g.dweight, (std::vector<double>{1}));
+    EXPECT_EQ(g.dbias, (std::vector<double>{3}));
 }
 
 // ---- Stability: mean 1e4, std 1 ------------------------------------------------------------

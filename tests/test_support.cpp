@@ -6,9 +6,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <string_view>
 
 #ifndef NORMGEN_TEST_PACKAGE_DIR
 #error "NORMGEN_TEST_PACKAGE_DIR must name the package folder the build writes"
@@ -93,12 +95,13 @@ std::string chosen_kernel(const ng_plan *plan) {
     return s.substr(0, s.find_first_of(" \t\n:,;("));
 }
 
-ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format) {
+ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format,
+                      ng_dtype dtype) {
     ng_tensor t{};
     t.ndim = int32_t(shape.size());
     for (size_t i = 0; i < shape.size() && i < 5; i++) t.shape[i] = shape[i];
     t.format = format;
-    t.dtype = NG_F32;
+    t.dtype = dtype;
     t.device = NG_CPU;
     return t;
 }
@@ -116,7 +119,49 @@ ref::View view_of(const ng_tensor &t) {
 std::string shape_string(const ng_tensor &t) {
     std::string s;
     for (int d = 0; d < t.ndim; d++) s += (d ? "x" : "") + std::to_string(t.shape[d]);
-    return s + (t.format == NG_CHANNELS_LAST ? " cl" : " contig");
+    s += t.format == NG_CHANNELS_LAST ? " cl" : " contig";
+    return t.dtype == NG_F32 ? s : s + " " + dtype_name(t.dtype);
+}
+
+const char *dtype_name(ng_dtype dtype) {
+    switch (dtype) {
+    case NG_F32: return "f32";
+    case NG_F16: return "f16";
+    case NG_BF16: return "bf16";
+    }
+    return "?";
+}
+
+ref::Storage storage_of(ng_dtype dtype) {
+    switch (dtype) {
+    case NG_F16: return ref::Storage::F16;
+    case NG_BF16: return ref::Storage::BF16;
+    case NG_F32: break;
+    }
+    return ref::Storage::F32;
+}
+
+size_t element_size(ng_dtype dtype) { return dtype == NG_F32 ? 4 : 2; }
+
+const std::vector<ng_dtype> &all_dtypes() {
+    static const std::vector<ng_dtype> d = {NG_F32, NG_F16, NG_BF16};
+    return d;
+}
+
+std::string fusion_name(const FusedOps &f) {
+    if (f.residual) return f.relu ? "addrelu" : "add";
+    return f.relu ? "relu" : "";
+}
+
+const std::vector<FusedOps> &all_fusions() {
+    static const std::vector<FusedOps> f = {{false, false}, {true, false}, {false, true},
+                                            {true, true}};
+    return f;
+}
+
+void set_fusion(ng_batch_norm_params &p, const FusedOps &f) {
+    p.activation = f.relu ? NG_ACT_RELU : NG_ACT_NONE;
+    p.residual = f.residual ? 1 : 0;
 }
 
 const char *family_name(Family f) {
@@ -140,10 +185,13 @@ std::string kernel_layout(const ng_tensor &t) {
     return t.format == NG_CHANNELS_LAST || v.s == 1 ? "cl" : "contig";
 }
 
-std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa) {
+std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa,
+                            const FusedOps &fused) {
     const ref::View v = view_of(t);
-    const std::string generic =
-        std::string(family_name(f)) + "_f32_" + kernel_layout(t) + "_" + isa;
+    const std::string fusion = fusion_name(fused);
+    const std::string generic = std::string(family_name(f)) + "_" + dtype_name(t.dtype) + "_" +
+                                kernel_layout(t) + (fusion.empty() ? "" : "_" + fusion) + "_" +
+                                isa;
     const std::string exact = generic + "_n" + std::to_string(v.n) + "_c" + std::to_string(v.c) +
                               "_s" + std::to_string(v.s);
     for (const auto &k : manifest().at("kernels"))
@@ -200,6 +248,84 @@ void Guarded::copy_from(const std::vector<float> &v) {
                    << " elements)";
     }
     return ::testing::AssertionSuccess();
+}
+
+GuardedTensor::GuardedTensor(ng_dtype dtype, int64_t n)
+    : dtype_(dtype), n_(n), buf_(size_t(n) * element_size(dtype) + 2 * kCanaryBytes) {
+    const size_t end = size_t(kCanaryBytes) + size_t(n) * element_size(dtype);
+    for (int64_t i = 0; i < kCanaryBytes; i++) {
+        buf_[size_t(i)] = reinterpret_cast<const uint8_t *>(&kCanaryBits)[i % 4];
+        buf_[end + size_t(i)] = reinterpret_cast<const uint8_t *>(&kCanaryBits)[i % 4];
+    }
+}
+
+float GuardedTensor::get(int64_t i) const {
+    if (dtype_ == NG_F32) return static_cast<const float *>(data())[i];
+    return ref::decode16(bits(i), storage_of(dtype_));
+}
+
+uint16_t GuardedTensor::bits(int64_t i) const {
+    if (dtype_ == NG_F32) throw std::logic_error("GuardedTensor::bits: not a 16-bit tensor");
+    uint16_t b;
+    std::memcpy(&b, static_cast<const uint8_t *>(data()) + 2 * i, 2);
+    return b;
+}
+
+void GuardedTensor::set(int64_t i, float v) {
+    if (dtype_ == NG_F32) {
+        static_cast<float *>(data())[i] = v;
+        return;
+    }
+    const uint16_t b = ref::encode16(v, storage_of(dtype_));  // throws unless representable
+    std::memcpy(static_cast<uint8_t *>(data()) + 2 * i, &b, 2);
+}
+
+std::vector<float> GuardedTensor::values() const {
+    std::vector<float> out(static_cast<size_t>(n_));
+    for (int64_t i = 0; i < n_; i++) out[static_cast<size_t>(i)] = get(i);
+    return out;
+}
+
+void GuardedTensor::assign(const std::vector<float> &v) {
+    if (int64_t(v.size()) != n_) throw std::logic_error("GuardedTensor::assign: size mismatch");
+    if (dtype_ == NG_F32) {
+        std::copy(v.begin(), v.end(), static_cast<float *>(data()));
+        return;
+    }
+    for (int64_t i = 0; i < n_; i++) set(i, v[size_t(i)]);
+}
+
+void GuardedTensor::fill(float v) {
+    for (int64_t i = 0; i < n_; i++) set(i, v);
+}
+
+size_t GuardedTensor::hash() const {
+    return std::hash<std::string_view>{}(std::string_view(
+        reinterpret_cast<const char *>(data()), size_t(n_) * element_size(dtype_)));
+}
+
+::testing::AssertionResult GuardedTensor::check_canaries(const std::string &what) const {
+    const size_t end = size_t(kCanaryBytes) + size_t(n_) * element_size(dtype_);
+    const size_t esize = element_size(dtype_);
+    for (int64_t i = 0; i < kCanaryBytes; i++) {
+        const uint8_t want = reinterpret_cast<const uint8_t *>(&kCanaryBits)[i % 4];
+        if (buf_[size_t(i)] != want)
+            return ::testing::AssertionFailure()
+                   << what << " (" << dtype_name(dtype_) << "): written "
+                   << (kCanaryBytes - i) << " bytes before its start";
+        if (buf_[end + size_t(i)] != want)
+            return ::testing::AssertionFailure()
+                   << what << " (" << dtype_name(dtype_) << "): written at byte " << i
+                   << " after its end (" << n_ << " elements of " << esize << " bytes)";
+    }
+    return ::testing::AssertionSuccess();
+}
+
+std::vector<float> round_to(const std::vector<float> &v, ng_dtype dtype) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); i++)
+        out[i] = float(ref::round_to_storage(v[i], storage_of(dtype)));
+    return out;
 }
 
 void fill_tensor(const ref::View &v, float *x, Rng &rng, const std::vector<double> &mean,
@@ -267,12 +393,50 @@ void print_error_report() {
            << scale[c] << ")";
 }
 
+::testing::AssertionResult stored_near(const std::string &what, ng_dtype dtype, const float *got,
+                                       const std::vector<double> &want, const ref::View &v,
+                                       double tol, const std::vector<double> &min_scale) {
+    if (dtype == NG_F32) return tensor_near(what, got, want, v, tol, min_scale);
+    const ref::Storage st = storage_of(dtype);
+    std::vector<double> scale = min_scale;
+    scale.resize(size_t(v.c), 0.0);
+    v.for_each([&](int64_t c, int64_t i) { scale[c] = std::max(scale[c], std::fabs(want[i])); });
+    for (auto &s : scale)
+        if (s == 0) s = 1;
+    double worst = 0, worst_ulps = 0;
+    int64_t bad = 0, first_bad = -1, first_c = -1;
+    double first_bound = 0;
+    v.for_each([&](int64_t c, int64_t i) {
+        const double e = tol * scale[c];
+        const double bound = e + 0.5 * ref::storage_ulp(std::fabs(want[i]) + e, st);
+        const double err = std::fabs(double(got[i]) - want[i]);
+        if (!(err <= bound) && bad++ == 0) first_bad = i, first_c = c, first_bound = bound;
+        if (!(err / bound <= worst)) worst = err / bound;
+        const double ulps = err / ref::storage_ulp(want[i], st);
+        if (!(ulps <= worst_ulps)) worst_ulps = ulps;
+    });
+    const std::string category = what.substr(0, what.find(' '));
+    record_error(category + " [of bound]", worst);
+    record_error(category + " [storage ulps]", worst_ulps);
+    if (bad == 0) return ::testing::AssertionSuccess();
+    const int64_t i = first_bad, c = first_c;
+    const int64_t n = i / (v.c * v.s);
+    const int64_t s = v.channels_last ? (i % (v.c * v.s)) / v.c : i % v.s;
+    return ::testing::AssertionFailure()
+           << what << ": " << bad << " of " << v.size() << " elements off by more than "
+           << dtype_name(dtype) << " rounding + " << tol << " x channel magnitude; worst "
+           << worst << " x the bound; first at (n=" << n << ", c=" << c << ", s=" << s
+           << "): got " << got[i] << ", want " << want[i] << " (bound " << first_bound
+           << ", channel scale " << scale[c] << ")";
+}
+
 std::vector<double> output_scale(const ref::View &v, const float *x, const ref::ForwardResult &r,
-                                 const float *weight, const float *bias) {
+                                 const float *weight, const float *bias, const float *z) {
     std::vector<double> scale(size_t(v.c), 0.0);
     v.for_each([&](int64_t c, int64_t i) {
         const double w = weight ? std::fabs(weight[c]) : 1.0, b = bias ? std::fabs(bias[c]) : 0.0;
-        scale[c] = std::max(scale[c], std::fabs(x[i] - r.mean[c]) * r.invstd[c] * w + b);
+        const double zi = z ? std::fabs(z[i]) : 0.0;
+        scale[c] = std::max(scale[c], std::fabs(x[i] - r.mean[c]) * r.invstd[c] * w + b + zi);
     });
     return scale;
 }

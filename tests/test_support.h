@@ -61,9 +61,27 @@ std::string chosen_kernel(const ng_plan *plan);
 
 // ---- Tensors and kernels --------------------------------------------------------------------
 
-ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format);
+ng_tensor make_tensor(const std::vector<int64_t> &shape, ng_memory_format format,
+                      ng_dtype dtype = NG_F32);
 ref::View view_of(const ng_tensor &t);
-std::string shape_string(const ng_tensor &t);  // e.g. "2x3x5x7 cl"
+std::string shape_string(const ng_tensor &t);  // e.g. "2x3x5x7 cl", "2x3x5x7 cl bf16"
+
+const char *dtype_name(ng_dtype dtype);  // f32, f16, bf16 (as in kernel names)
+ref::Storage storage_of(ng_dtype dtype);
+size_t element_size(ng_dtype dtype);
+const std::vector<ng_dtype> &all_dtypes();  // f32, f16, bf16
+
+// The ops fused around the normalisation (issue 3): y = act(bn(x) [+ z]).
+struct FusedOps {
+    bool relu = false;
+    bool residual = false;
+    bool plain() const { return !relu && !residual; }
+};
+// As in kernel names: "" (none), "relu", "add", "addrelu".
+std::string fusion_name(const FusedOps &f);
+const std::vector<FusedOps> &all_fusions();  // none, relu, add, addrelu
+// Sets params.activation / params.residual.
+void set_fusion(ng_batch_norm_params &p, const FusedOps &f);
 
 enum class Family { FwdTrain, FwdInfer, BwdTrain, BwdEval };
 const char *family_name(Family f);  // bn_fwd_train, bn_fwd_infer, bn_bwd_train, bn_bwd_eval
@@ -72,9 +90,11 @@ bool family_training(Family f);
 // The kernel layout the runtime must use: "cl" for channels-last, and for contiguous tensors
 // with S == 1 (their memory is channels-last); "contig" otherwise.
 std::string kernel_layout(const ng_tensor &t);
-// The kernel a plan must choose: the exact-shape kernel for (family, layout, isa, N, C, S) if
-// the manifest has one, else the generic kernel of that ISA.
-std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa);
+// The kernel a plan must choose: the exact-shape kernel for (family, dtype, layout, fusion, isa,
+// N, C, S) if the manifest has one, else the generic kernel of that ISA. Names are
+// <family>_<dtype>_<layout>[_<fusion>]_<isa>[_n<N>_c<C>_s<S>]; the dtype is t.dtype.
+std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa,
+                            const FusedOps &fused = {});
 
 // ---- Data -------------------------------------------------------------------------------
 
@@ -111,6 +131,35 @@ private:
     std::vector<float> buf_;
 };
 
+// A tensor of any storage type with canaries (the Guarded pattern, bytewise) before and after
+// its n elements. Values are read and written as float (f16/bf16 decoded and encoded exactly:
+// set() refuses a value the type cannot hold, so round with ref::round_to_storage first).
+class GuardedTensor {
+public:
+    static constexpr int64_t kCanaryBytes = 256;
+    explicit GuardedTensor(ng_dtype dtype = NG_F32, int64_t n = 0);
+    void *data() { return buf_.data() + kCanaryBytes; }
+    const void *data() const { return buf_.data() + kCanaryBytes; }
+    int64_t size() const { return n_; }
+    ng_dtype dtype() const { return dtype_; }
+    float get(int64_t i) const;
+    void set(int64_t i, float v);
+    uint16_t bits(int64_t i) const;  // 16-bit types only
+    std::vector<float> values() const;
+    void assign(const std::vector<float> &v);
+    void fill(float v);
+    size_t hash() const;  // of the element bytes
+    ::testing::AssertionResult check_canaries(const std::string &what) const;
+
+private:
+    ng_dtype dtype_;
+    int64_t n_;
+    std::vector<uint8_t> buf_;
+};
+
+// v, rounded to the storage type (ties to even): the values a tensor of that type can hold.
+std::vector<float> round_to(const std::vector<float> &v, ng_dtype dtype);
+
 // Fills x with per-channel data: channel c has mean mean[c] and spread scale[c] (uniform).
 void fill_tensor(const ref::View &v, float *x, Rng &rng, const std::vector<double> &mean,
                  const std::vector<double> &scale);
@@ -133,10 +182,23 @@ std::vector<float> uniform_vector(int64_t n, Rng &rng, double lo, double hi);
 // (weight/bias null: 1/0). y cancels to ~0 where the bias offsets the normalised value; with
 // few values per channel (say N = 3, S = 1) every y of a channel can be small while its terms
 // are not, so y's error is measured against its terms.
+// With a residual z, |z| is one more term.
 std::vector<double> output_scale(const ref::View &v, const float *x, const ref::ForwardResult &r,
-                                 const float *weight, const float *bias);
+                                 const float *weight, const float *bias,
+                                 const float *z = nullptr);
 std::vector<double> gradient_scale(const ref::View &v, const float *dy, const float *weight,
                                    const std::vector<double> &invstd);
+// A tensor stored as dtype against the float64 reference. f32: tensor_near. f16/bf16: the
+// kernel computes in float32 (error e_c = tol * channel scale, as tensor_near) and rounds once
+// to the storage type, to nearest, so |got - want| <= e_c + 0.5 ulp_storage(|want| + e_c) (the
+// spacing taken at the larger magnitude covers a result rounded up into the next binade).
+// This bound is also what catches a conversion that truncates instead of rounding: truncation
+// errs by up to a whole ulp. Records the worst error as a fraction of the bound and in storage
+// ulps.
+::testing::AssertionResult stored_near(const std::string &what, ng_dtype dtype, const float *got,
+                                       const std::vector<double> &want, const ref::View &v,
+                                       double tol, const std::vector<double> &min_scale = {});
+
 // Per-channel values: |got - want| <= max_ulps * ulp(float(want)).
 ::testing::AssertionResult channels_within_ulps(const std::string &what, const float *got,
                                                 const std::vector<double> &want, double max_ulps);
