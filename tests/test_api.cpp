@@ -1,6 +1,7 @@
-// API and registry tests: every bad input of issue 2 gets the right status and a message naming
-// the argument and the value; broken packages fail cleanly; kernels never touch memory outside
-// the caller's buffers; plans choose the kernel they should and say why.
+// API and registry tests: every bad input of issues 2 and 3 gets the right status and a message
+// naming the argument and the value; broken packages fail cleanly; kernels (plain, fused, f16
+// and bf16) never touch memory outside the caller's buffers; plans choose the kernel they should
+// and say why.
 #include "test_support.h"
 
 #include <normgen/normgen.hpp>
@@ -25,6 +26,9 @@ namespace fs = std::filesystem;
 extern "C" ng_status c_plan_create_with_op(ng_runtime *runtime, int op, const ng_tensor *x,
                                            const ng_batch_norm_params *params, ng_plan **out_plan);
 extern "C" const char *c_status_name(int status);
+extern "C" ng_status c_plan_create_with_fields(ng_runtime *runtime, int op, const ng_tensor *x,
+                                               int dtype, const ng_batch_norm_params *params,
+                                               int activation, int residual, ng_plan **out_plan);
 
 namespace normgen::test {
 namespace {
@@ -125,8 +129,8 @@ struct Call {
                                  &save_invstd, &dweight, &dbias, &z, &dz})
             if (auto r = g->check_canaries("buffer"); !r) return r;
         for (int64_t i = 0; i < v.size(); i++)
-            if (y[i] != -123.0f || dx[i] != -123.0f)
-                return ::testing::AssertionFailure() << "a rejected call wrote y or dx";
+            if (y[i] != -123.0f || dx[i] != -123.0f || dz[i] != -123.0f)
+                return ::testing::AssertionFailure() << "a rejected call wrote y, dx or dz";
         for (int64_t c = 0; c < v.c; c++)
             if (rm[c] != 0.25f || rv[c] != 2.0f || dweight[c] != -123.0f)
                 return ::testing::AssertionFailure()
@@ -462,54 +466,254 @@ TEST(BadInput, OneValuePerChannelWithBatchStatistics) {
         EXPECT_NEAR(k.y[c], (k.x[c] - 0.25) / std::sqrt(2.0 + 1e-5) * 1.5 + 0.5, 1e-6);
 }
 
-// Fused variants, reduced precision and CUDA are not built yet.
+// CUDA is not built yet. (f16 / bf16, ReLU and the residual add are, since issue 3:
+// Api.EveryDtypeAndFusionPlans.)
 TEST(BadInput, NotYetSupported) {
     const ng_batch_norm_params p = ng_batch_norm_params_default();
-    for (ng_dtype dt : {NG_F16, NG_BF16}) {
-        ng_tensor t = small_tensor();
-        t.dtype = dt;
-        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_UNSUPPORTED, {"dtype"}));
-        EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, t, p, NG_UNSUPPORTED, {"dtype"}));
-    }
-    ng_batch_norm_params q = p;
-    q.activation = NG_ACT_RELU;
-    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, small_tensor(), q, NG_UNSUPPORTED, {"activation"}));
-    q = p;
-    q.residual = 1;
-    EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, small_tensor(), q, NG_UNSUPPORTED, {"residual"}));
-
     // A CUDA tensor: no device without a driver; with one, still no CUDA kernels in the package.
-    ng_tensor t = small_tensor();
-    t.device = NG_CUDA;
-    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (driver) dlclose(driver);
-    if (!driver)
-        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_NO_DEVICE, {"device", "cuda"}));
-    else
-        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, t, p, NG_NO_KERNEL, {"device", "cuda"}));
+    for (ng_dtype dt : all_dtypes()) {
+        ng_tensor t = make_tensor({4, 3, 5}, NG_CONTIGUOUS, dt);
+        t.device = NG_CUDA;
+        void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (driver) dlclose(driver);
+        for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
+            if (!driver)
+                EXPECT_TRUE(plan_rejected(op, t, p, NG_NO_DEVICE, {"device", "cuda"}));
+            else
+                EXPECT_TRUE(plan_rejected(op, t, p, NG_NO_KERNEL, {"device", "cuda"}));
+        }
+    }
 }
 
-// z (the residual input) without params.residual; dz likewise in backward.
-TEST(BadInput, ResidualBuffersWithoutResidual) {
+// Every dtype x fusion x op x statistics has a plan, with the kernel of its name, and the plan's
+// description says which dtype and fusion it is for.
+TEST(Api, EveryDtypeAndFusionPlans) {
+    const std::string isa = best_isa();
+    for (ng_dtype dt : all_dtypes())
+        for (const FusedOps &fused : all_fusions())
+            for (int training : {1, 0})
+                for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
+                    const ng_tensor t = make_tensor({4, 3, 5}, NG_CHANNELS_LAST, dt);
+                    ng_batch_norm_params p = ng_batch_norm_params_default();
+                    p.training = training;
+                    set_fusion(p, fused);
+                    const Family f = op == NG_OP_FORWARD
+                                         ? (training ? Family::FwdTrain : Family::FwdInfer)
+                                         : (training ? Family::BwdTrain : Family::BwdEval);
+                    SCOPED_TRACE(std::string(family_name(f)) + " " + dtype_name(dt) + " " +
+                                 fusion_name(fused));
+                    PlanPtr plan = make_plan(op, t, p);
+                    ASSERT_TRUE(plan);
+                    EXPECT_EQ(chosen_kernel(plan.get()), expected_kernel(f, t, isa, fused));
+                    const std::string d = ng_plan_describe(plan.get());
+                    EXPECT_TRUE(names(d, dtype_name(dt))) << d;
+                    if (fused.residual) {
+                        EXPECT_TRUE(names(d, "add")) << d;
+                    }
+                    if (fused.relu) {
+                        EXPECT_TRUE(names(d, "relu")) << d;
+                    }
+                }
+}
+
+// Enum and flag values a C caller can store that name nothing: activation, dtype and residual,
+// set from C (c_callers.c), for both ops. The status is NG_INVALID_ARGUMENT and the message
+// names the field and the value.
+TEST(BadInput, FusionAndDtypeValuesOutOfRange) {
+    const ng_tensor t = small_tensor();
     const ng_batch_norm_params p = ng_batch_norm_params_default();
-    Call k(small_tensor());
-    PlanPtr fwd = make_plan(NG_OP_FORWARD, k.t, p);
-    PlanPtr bwd = make_plan(NG_OP_BACKWARD, k.t, p);
-    EXPECT_TRUE(failed_with(ng_batch_norm_forward(fwd.get(), k.x.data(), k.z.data(), k.y.data(),
-                                                  k.weight.data(), k.bias.data(), k.rm.data(),
-                                                  k.rv.data(), &k.nbt, nullptr, nullptr),
-                            NG_INVALID_ARGUMENT, {"z", "residual"}));
-    EXPECT_TRUE(failed_with(
-        ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), k.z.data(), k.weight.data(),
-                               nullptr, nullptr, nullptr, k.save_mean.data(),
-                               k.save_invstd.data(), k.dx.data(), nullptr, nullptr, nullptr),
-        NG_INVALID_ARGUMENT, {"z", "residual"}));
-    EXPECT_TRUE(failed_with(
-        ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), nullptr, k.weight.data(),
-                               nullptr, nullptr, nullptr, k.save_mean.data(),
-                               k.save_invstd.data(), k.dx.data(), nullptr, nullptr, k.dz.data()),
-        NG_INVALID_ARGUMENT, {"dz", "residual"}));
-    EXPECT_TRUE(k.untouched());
+    auto create = [&](ng_op op, int dtype, int activation, int residual) {
+        ng_plan *plan = reinterpret_cast<ng_plan *>(uintptr_t(0x1));
+        const ng_status st = c_plan_create_with_fields(best_runtime(), op, &t, dtype, &p,
+                                                       activation, residual, &plan);
+        EXPECT_EQ(plan, nullptr) << "a failed ng_plan_create must leave *out_plan NULL";
+        if (st == NG_OK) ng_plan_destroy(plan);
+        return st;
+    };
+    for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
+        SCOPED_TRACE(op == NG_OP_FORWARD ? "forward" : "backward");
+        for (int activation : {2, 7, -1, std::numeric_limits<int>::min()})
+            EXPECT_TRUE(failed_with(create(op, NG_F32, activation, 0), NG_INVALID_ARGUMENT,
+                                    {"activation", std::to_string(activation)}));
+        for (int dtype : {3, 7, -1, std::numeric_limits<int>::max()})
+            EXPECT_TRUE(failed_with(create(op, dtype, NG_ACT_RELU, 1), NG_INVALID_ARGUMENT,
+                                    {"dtype", std::to_string(dtype)}));
+        for (int residual : {2, -1})
+            EXPECT_TRUE(failed_with(create(op, NG_BF16, NG_ACT_NONE, residual),
+                                    NG_INVALID_ARGUMENT, {"residual", std::to_string(residual)}));
+    }
+    // The same path accepts every valid combination.
+    for (ng_dtype dt : all_dtypes())
+        for (int activation : {NG_ACT_NONE, NG_ACT_RELU})
+            for (int residual : {0, 1}) {
+                ng_plan *plan = nullptr;
+                EXPECT_EQ(c_plan_create_with_fields(best_runtime(), NG_OP_BACKWARD, &t, dt, &p,
+                                                    activation, residual, &plan),
+                          NG_OK)
+                    << ng_last_error();
+                ng_plan_destroy(plan);
+            }
+}
+
+// There is one tensor descriptor per plan: x, z, y, dy, dx and dz all take its shape, format and
+// dtype, and the data pointers are untyped (void *). A dtype or format mismatch between x and z
+// (or dy, dz) therefore cannot be expressed in this API, and there is nothing to check for it;
+// what can be checked is what the plan's dtype changes: the element size in every extent
+// (BufferSafety.*FusedAndReducedPrecision) and in the size limit below.
+//
+// Kernels address at most 2^31 - 1 bytes per tensor: 2^29 - 1 elements of f32 but 2^30 - 1 of
+// f16 / bf16. The limit is in bytes, so it moves with the dtype.
+TEST(BadInput, SizeLimitCountsBytesOfTheDtype) {
+    const ng_batch_norm_params p = ng_batch_norm_params_default();
+    const int64_t max16 = std::numeric_limits<int32_t>::max() / 2;  // 2^30 - 1 elements
+    const int64_t max32 = std::numeric_limits<int32_t>::max() / 4;  // 2^29 - 1 elements
+    for (ng_dtype dt : {NG_F16, NG_BF16}) {
+        SCOPED_TRACE(dtype_name(dt));
+        EXPECT_TRUE(make_plan(NG_OP_FORWARD, make_tensor({1, 1, max16}, NG_CONTIGUOUS, dt), p));
+        EXPECT_TRUE(plan_rejected(NG_OP_FORWARD,
+                                  make_tensor({1, 1, max16 + 1}, NG_CONTIGUOUS, dt), p,
+                                  NG_UNSUPPORTED, {"shape"}));
+        EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, make_tensor({2, max16 / 2 + 1}, NG_CONTIGUOUS, dt),
+                                  p, NG_UNSUPPORTED, {"shape"}));
+    }
+    EXPECT_TRUE(make_plan(NG_OP_FORWARD, make_tensor({1, 1, max32}, NG_CONTIGUOUS), p));
+    EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, make_tensor({1, 1, max32 + 1}, NG_CONTIGUOUS), p,
+                              NG_UNSUPPORTED, {"shape"}));
+}
+
+// The residual's and the ReLU's buffers, per the header: forward needs z iff residual; backward
+// needs dz iff residual, z with residual + ReLU, bias with ReLU + affine. Each missing one is
+// NG_INVALID_ARGUMENT naming it (and why), for every dtype, and changes nothing.
+TEST(BadInput, FusedBuffersMissing) {
+    for (ng_dtype dt : all_dtypes()) {
+        SCOPED_TRACE(dtype_name(dt));
+        Call k(make_tensor({4, 3, 5}, NG_CONTIGUOUS, dt));  // float buffers: big enough for any
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        auto fwd = [&](ng_plan *plan, const void *z) {
+            return ng_batch_norm_forward(plan, k.x.data(), z, k.y.data(), k.weight.data(),
+                                         k.bias.data(), k.rm.data(), k.rv.data(), &k.nbt,
+                                         nullptr, nullptr);
+        };
+        auto bwd = [&](ng_plan *plan, const void *z, const float *bias, void *dz) {
+            return ng_batch_norm_backward(plan, k.x.data(), k.dy.data(), z, k.weight.data(), bias,
+                                          k.rm.data(), k.rv.data(), k.save_mean.data(),
+                                          k.save_invstd.data(), k.dx.data(), k.dweight.data(),
+                                          k.dbias.data(), dz);
+        };
+        for (const FusedOps &fused : all_fusions()) {
+            SCOPED_TRACE(fusion_name(fused));
+            set_fusion(p, fused);
+            PlanPtr f = make_plan(NG_OP_FORWARD, k.t, p), b = make_plan(NG_OP_BACKWARD, k.t, p);
+            ASSERT_TRUE(f && b);
+            if (fused.residual) {
+                EXPECT_TRUE(failed_with(fwd(f.get(), nullptr), NG_INVALID_ARGUMENT,
+                                        {"z", "residual"}));
+                EXPECT_TRUE(failed_with(bwd(b.get(), k.z.data(), k.bias.data(), nullptr),
+                                        NG_INVALID_ARGUMENT, {"dz", "residual"}));
+            }
+            if (fused.residual && fused.relu) {
+                EXPECT_TRUE(failed_with(bwd(b.get(), nullptr, k.bias.data(), k.dz.data()),
+                                        NG_INVALID_ARGUMENT, {"z", "mask"}));
+            }
+            if (fused.relu) {
+                EXPECT_TRUE(failed_with(bwd(b.get(), fused.residual ? k.z.data() : nullptr,
+                                            nullptr, fused.residual ? k.dz.data() : nullptr),
+                                        NG_INVALID_ARGUMENT, {"bias", "mask"}));
+            }
+            EXPECT_TRUE(k.untouched());
+        }
+    }
+}
+
+// What the header says may be NULL, or is unused, is accepted: bias without ReLU, z in backward
+// without ReLU (residual add: unused), bias with ReLU but without affine (the mask uses bias 0).
+// Unused buffers do not change the results.
+TEST(Api, FusedOptionalBuffers) {
+    for (ng_dtype dt : {NG_F32, NG_BF16}) {
+        SCOPED_TRACE(dtype_name(dt));
+        const ng_tensor t = make_tensor({4, 3, 5}, NG_CHANNELS_LAST, dt);
+        const ref::View v = view_of(t);
+        Rng rng(11);
+        GuardedTensor x(dt, v.size()), dy(dt, v.size()), z(dt, v.size()), dx1(dt, v.size()),
+            dx2(dt, v.size()), dz1(dt, v.size()), dz2(dt, v.size());
+        x.assign(round_to(uniform_vector(v.size(), rng, -2, 2), dt));
+        dy.assign(round_to(uniform_vector(v.size(), rng, -1, 1), dt));
+        z.assign(round_to(uniform_vector(v.size(), rng, -1, 1), dt));
+        const std::vector<float> w = {1.5f, -0.5f, 1.0f}, b = {0.25f, 0.5f, -0.75f},
+                                 sm = {0.1f, -0.2f, 0.3f}, si = {1.0f, 2.0f, 0.5f};
+        const std::vector<float> garbage(3, 1e30f);
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        auto bwd = [&](ng_plan *plan, const void *zz, const float *weight, const float *bias,
+                       GuardedTensor &dx, void *dz) {
+            return ng_batch_norm_backward(plan, x.data(), dy.data(), zz, weight, bias, nullptr,
+                                          nullptr, sm.data(), si.data(), dx.data(), nullptr,
+                                          nullptr, dz);
+        };
+        // Residual add without ReLU: z is not read.
+        set_fusion(p, {false, true});
+        PlanPtr add = make_plan(NG_OP_BACKWARD, t, p);
+        ASSERT_EQ(bwd(add.get(), nullptr, w.data(), nullptr, dx1, dz1.data()), NG_OK)
+            << ng_last_error();
+        ASSERT_EQ(bwd(add.get(), z.data(), w.data(), garbage.data(), dx2, dz2.data()), NG_OK)
+            << ng_last_error();
+        EXPECT_EQ(dx1.values(), dx2.values());
+        EXPECT_EQ(dz1.values(), dy.values()) << "without ReLU, dz = dy";
+        // ReLU without affine: weight and bias are 1 and 0 whatever is passed (or NULL).
+        p.affine = 0;
+        set_fusion(p, {true, true});
+        PlanPtr relu = make_plan(NG_OP_BACKWARD, t, p);
+        ASSERT_EQ(bwd(relu.get(), z.data(), nullptr, nullptr, dx1, dz1.data()), NG_OK)
+            << ng_last_error();
+        ASSERT_EQ(bwd(relu.get(), z.data(), garbage.data(), garbage.data(), dx2, dz2.data()),
+                  NG_OK)
+            << ng_last_error();
+        EXPECT_EQ(dx1.values(), dx2.values());
+        EXPECT_EQ(dz1.values(), dz2.values());
+        // ... and the mask is that of bias 0: dz = dy where (x - mean) * invstd + z > 0.
+        const std::vector<float> xs = x.values(), dys = dy.values(), zs = z.values(),
+                                 got = dz1.values();
+        int64_t wrong = 0;
+        v.for_each([&](int64_t c, int64_t i) {
+            const double pre = (double(xs[i]) - sm[c]) * si[c] + zs[i];
+            if (std::fabs(pre) < 1e-5) return;  // the mask is fp32 there: either is right
+            wrong += got[i] != (pre > 0 ? dys[i] : 0.0f);
+        });
+        EXPECT_EQ(wrong, 0);
+        for (auto *g : {&x, &dy, &z, &dx1, &dx2, &dz1, &dz2})
+            EXPECT_TRUE(g->check_canaries("buffer"));
+    }
+}
+
+// z (the residual input) without params.residual; dz likewise in backward; for every dtype and
+// with or without ReLU.
+TEST(BadInput, ResidualBuffersWithoutResidual) {
+    for (ng_dtype dt : all_dtypes())
+        for (bool relu : {false, true}) {
+            SCOPED_TRACE(std::string(dtype_name(dt)) + (relu ? " relu" : ""));
+            ng_batch_norm_params p = ng_batch_norm_params_default();
+            set_fusion(p, {relu, false});
+            Call k(make_tensor({4, 3, 5}, NG_CONTIGUOUS, dt));
+            PlanPtr fwd = make_plan(NG_OP_FORWARD, k.t, p);
+            PlanPtr bwd = make_plan(NG_OP_BACKWARD, k.t, p);
+            EXPECT_TRUE(failed_with(ng_batch_norm_forward(fwd.get(), k.x.data(), k.z.data(),
+                                                          k.y.data(), k.weight.data(),
+                                                          k.bias.data(), k.rm.data(), k.rv.data(),
+                                                          &k.nbt, nullptr, nullptr),
+                                    NG_INVALID_ARGUMENT, {"z", "residual"}));
+            EXPECT_TRUE(failed_with(
+                ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), k.z.data(),
+                                       k.weight.data(), k.bias.data(), nullptr, nullptr,
+                                       k.save_mean.data(), k.save_invstd.data(), k.dx.data(),
+                                       nullptr, nullptr, nullptr),
+                NG_INVALID_ARGUMENT, {"z", "residual"}));
+            EXPECT_TRUE(failed_with(
+                ng_batch_norm_backward(bwd.get(), k.x.data(), k.dy.data(), nullptr,
+                                       k.weight.data(), k.bias.data(), nullptr, nullptr,
+                                       k.save_mean.data(), k.save_invstd.data(), k.dx.data(),
+                                       nullptr, nullptr, k.dz.data()),
+                NG_INVALID_ARGUMENT, {"dz", "residual"}));
+            EXPECT_TRUE(k.untouched());
+        }
 }
 
 TEST(BadInput, PlanUsedWithTheWrongOp) {
@@ -895,13 +1099,14 @@ TEST(Registry, StatisticsFollowMode) {
 
 // ---- Buffer safety ------------------------------------------------------------------------
 
-// n floats placed against an inaccessible page: right after it (guard_before) or ending right
-// at it. Any access outside the buffer on that side faults and kills the test.
+// n elements (floats unless told otherwise) placed against an inaccessible page: right after it
+// (guard_before) or ending right at it. Any access outside the buffer on that side faults and
+// kills the test.
 class GuardPage {
 public:
-    GuardPage(int64_t n, bool guard_before) : n_(n) {
+    GuardPage(int64_t n, bool guard_before, size_t element_size = sizeof(float)) : n_(n) {
         page_ = size_t(sysconf(_SC_PAGESIZE));
-        const size_t bytes = size_t(n) * sizeof(float);
+        const size_t bytes = size_t(n) * element_size;
         const size_t data_pages = (bytes + page_ - 1) / page_ + 1;
         size_ = (data_pages + 2) * page_;
         void *m = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -909,19 +1114,19 @@ public:
         base_ = static_cast<char *>(m);
         mprotect(base_, page_, PROT_NONE);
         mprotect(base_ + size_ - page_, page_, PROT_NONE);
-        data_ = reinterpret_cast<float *>(guard_before ? base_ + page_
-                                                       : base_ + size_ - page_ - bytes);
+        data_ = guard_before ? base_ + page_ : base_ + size_ - page_ - bytes;
     }
     ~GuardPage() { munmap(base_, size_); }
     GuardPage(const GuardPage &) = delete;
     GuardPage &operator=(const GuardPage &) = delete;
-    float *data() { return data_; }
+    float *data() { return reinterpret_cast<float *>(data_); }
+    void *bytes() { return data_; }
 
 private:
     int64_t n_;
     size_t page_ = 0, size_ = 0;
     char *base_ = nullptr;
-    float *data_ = nullptr;
+    char *data_ = nullptr;
 };
 
 // Every family at every ISA, with every tensor and per-channel buffer against a guard page on
@@ -975,6 +1180,141 @@ TEST(BufferSafety, GuardPagesAroundEveryBuffer) {
                     }
     }
     EXPECT_GT(runs, 0);
+}
+
+// The same for every fused variant and the 16-bit dtypes, whose 2-byte elements change every
+// extent the kernels compute: x, z, dy, y, dx, dz against guard pages on either side (an odd
+// element count of 2 bytes also leaves the buffer only 2-byte aligned at the page's end).
+TEST(BufferSafety, GuardPagesFusedAndReducedPrecision) {
+    const std::vector<std::vector<int64_t>> shapes = {{3, 5, 7}, {2, 19, 3, 3}, {5, 17}};
+    int runs = 0;
+    for (const auto &isa : isa_levels()) {
+        if (!cpu_supports(isa)) continue;
+        ng_runtime *rt = runtime_for_isa(isa);
+        for (ng_dtype dt : all_dtypes())
+            for (const FusedOps &fused : all_fusions()) {
+                if (dt == NG_F32 && fused.plain()) continue;  // GuardPagesAroundEveryBuffer
+                for (const auto &shape : shapes)
+                    for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                        for (bool before : {false, true})
+                            for (int training : {1, 0}) {
+                                const ng_tensor t = make_tensor(shape, fmt, dt);
+                                SCOPED_TRACE(isa + " " + shape_string(t) + " " +
+                                             fusion_name(fused) + (training ? " train" : " eval") +
+                                             (before ? " guard before" : " guard after"));
+                                const ref::View v = view_of(t);
+                                const size_t es = element_size(dt);
+                                GuardPage x(v.size(), before, es), z(v.size(), before, es),
+                                    y(v.size(), before, es), dy(v.size(), before, es),
+                                    dx(v.size(), before, es), dz(v.size(), before, es);
+                                GuardPage w(v.c, before), b(v.c, before), rm(v.c, before),
+                                    rv(v.c, before), sm(v.c, before), si(v.c, before),
+                                    dw(v.c, before), db(v.c, before);
+                                // Small integers: exact in every dtype (f16 1.0 = 0x3C00, ...).
+                                for (int64_t i = 0; i < v.size(); i++)
+                                    for (auto [g, value] : {std::pair{&x, double(i % 7) - 3},
+                                                            {&z, double(i % 3) - 1},
+                                                            {&dy, double(i % 5) - 2}}) {
+                                        if (dt == NG_F32) {
+                                            g->data()[i] = float(value);
+                                        } else {
+                                            const uint16_t bits =
+                                                ref::encode16(value, storage_of(dt));
+                                            std::memcpy(static_cast<char *>(g->bytes()) + 2 * i,
+                                                        &bits, 2);
+                                        }
+                                    }
+                                for (int64_t c = 0; c < v.c; c++) {
+                                    w.data()[c] = 1.0f, b.data()[c] = 0.5f;
+                                    rm.data()[c] = 0.0f, rv.data()[c] = 1.0f;
+                                }
+                                ng_batch_norm_params p = ng_batch_norm_params_default();
+                                p.training = training;
+                                set_fusion(p, fused);
+                                int64_t nbt = 0;
+                                PlanPtr fwd = make_plan(NG_OP_FORWARD, t, p, rt);
+                                PlanPtr bwd = make_plan(NG_OP_BACKWARD, t, p, rt);
+                                ASSERT_TRUE(fwd && bwd);
+                                ASSERT_EQ(chosen_kernel(fwd.get()),
+                                          expected_kernel(training ? Family::FwdTrain
+                                                                   : Family::FwdInfer,
+                                                          t, isa, fused));
+                                ASSERT_EQ(ng_batch_norm_forward(
+                                              fwd.get(), x.bytes(),
+                                              fused.residual ? z.bytes() : nullptr, y.bytes(),
+                                              w.data(), b.data(), rm.data(), rv.data(), &nbt,
+                                              sm.data(), si.data()),
+                                          NG_OK)
+                                    << ng_last_error();
+                                ASSERT_EQ(ng_batch_norm_backward(
+                                              bwd.get(), x.bytes(), dy.bytes(),
+                                              fused.residual ? z.bytes() : nullptr, w.data(),
+                                              b.data(), rm.data(), rv.data(), sm.data(),
+                                              si.data(), dx.bytes(), dw.data(), db.data(),
+                                              fused.residual ? dz.bytes() : nullptr),
+                                          NG_OK)
+                                    << ng_last_error();
+                                runs++;
+                            }
+            }
+    }
+    EXPECT_GT(runs, 0);
+}
+
+// Canaries around every buffer of the fused and 16-bit variants, the optional outputs left NULL
+// too (save_mean/save_invstd, dweight/dbias), and inputs left as they were.
+TEST(BufferSafety, CanariesFusedAndReducedPrecision) {
+    for (ng_dtype dt : all_dtypes())
+        for (const FusedOps &fused : all_fusions())
+            for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                for (int training : {1, 0}) {
+                    const ng_tensor t = make_tensor({3, 21, 5, 3}, fmt, dt);
+                    SCOPED_TRACE(shape_string(t) + " " + fusion_name(fused) +
+                                 (training ? " train" : " eval"));
+                    const ref::View v = view_of(t);
+                    Rng rng(3);
+                    GuardedTensor x(dt, v.size()), z(dt, v.size()), dy(dt, v.size()),
+                        y(dt, v.size()), dx(dt, v.size()), dz(dt, v.size());
+                    x.assign(round_to(uniform_vector(v.size(), rng, -2, 2), dt));
+                    z.assign(round_to(uniform_vector(v.size(), rng, -1, 1), dt));
+                    dy.assign(round_to(uniform_vector(v.size(), rng, -1, 1), dt));
+                    Guarded w(v.c), b(v.c), rm(v.c), rv(v.c), sm(v.c), si(v.c);
+                    w.fill(1.5f), b.fill(0.25f), rm.fill(0.0f), rv.fill(1.0f);
+                    const size_t hx = x.hash(), hz = z.hash(), hdy = dy.hash();
+                    ng_batch_norm_params p = ng_batch_norm_params_default();
+                    p.training = training;
+                    set_fusion(p, fused);
+                    int64_t nbt = 0;
+                    PlanPtr fwd = make_plan(NG_OP_FORWARD, t, p);
+                    PlanPtr bwd = make_plan(NG_OP_BACKWARD, t, p);
+                    ASSERT_TRUE(fwd && bwd);
+                    const void *zin = fused.residual ? z.data() : nullptr;
+                    ASSERT_EQ(ng_batch_norm_forward(fwd.get(), x.data(), zin, y.data(), w.data(),
+                                                    b.data(), rm.data(), rv.data(), &nbt,
+                                                    sm.data(), si.data()),
+                              NG_OK)
+                        << ng_last_error();
+                    ASSERT_EQ(ng_batch_norm_forward(fwd.get(), x.data(), zin, y.data(), w.data(),
+                                                    b.data(), rm.data(), rv.data(), &nbt, nullptr,
+                                                    nullptr),
+                              NG_OK)
+                        << ng_last_error();
+                    ASSERT_EQ(ng_batch_norm_backward(
+                                  bwd.get(), x.data(), dy.data(),
+                                  fused.residual && fused.relu ? z.data() : nullptr, w.data(),
+                                  b.data(), rm.data(), rv.data(), sm.data(), si.data(),
+                                  dx.data(), nullptr, nullptr,
+                                  fused.residual ? dz.data() : nullptr),
+                              NG_OK)
+                        << ng_last_error();
+                    for (const GuardedTensor *g : {&x, &z, &dy, &y, &dx, &dz})
+                        EXPECT_TRUE(g->check_canaries("tensor"));
+                    for (const Guarded *g : {&w, &b, &rm, &rv, &sm, &si})
+                        EXPECT_TRUE(g->check_canaries("per-channel buffer"));
+                    EXPECT_EQ(x.hash(), hx) << "x was modified";
+                    EXPECT_EQ(z.hash(), hz) << "z was modified";
+                    EXPECT_EQ(dy.hash(), hdy) << "dy was modified";
+                }
 }
 
 // Canaries around every output of every op, and inputs left as they were; including the
@@ -1097,6 +1437,46 @@ TEST(CppWrapper, ThrowsWithStatusAndRuns) {
     EXPECT_THROW(normgen::Plan(rt, NG_OP_FORWARD, normgen::tensor({1, 3}),
                                ng_batch_norm_params_default()),
                  normgen::Error);
+}
+
+// The wrapper passes z, bias and dz through (bf16, add + ReLU), and a missing z throws with the
+// status and the argument's name.
+TEST(CppWrapper, FusedBf16) {
+    normgen::Runtime rt(package_dir().c_str());
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    p.activation = NG_ACT_RELU;
+    p.residual = 1;
+    const ng_tensor t = normgen::tensor({4, 3, 5}, NG_CONTIGUOUS, NG_BF16);
+    const int64_t n = 60;
+    GuardedTensor x(NG_BF16, n), z(NG_BF16, n), y(NG_BF16, n), dy(NG_BF16, n), dx(NG_BF16, n),
+        dz(NG_BF16, n);
+    Rng rng(8);
+    x.assign(round_to(uniform_vector(n, rng, -2, 2), NG_BF16));
+    z.assign(round_to(uniform_vector(n, rng, -1, 1), NG_BF16));
+    dy.assign(round_to(uniform_vector(n, rng, -1, 1), NG_BF16));
+    std::vector<float> w(3, 1.0f), b(3, 0.0f), rm(3, 0.0f), rv(3, 1.0f), sm(3), si(3), dw(3),
+        db(3);
+    int64_t nbt = 0;
+    normgen::Plan fwd(rt, NG_OP_FORWARD, t, p), bwd(rt, NG_OP_BACKWARD, t, p);
+    fwd.forward(x.data(), y.data(), w.data(), b.data(), rm.data(), rv.data(), &nbt, sm.data(),
+                si.data(), z.data());
+    bwd.backward(x.data(), dy.data(), w.data(), nullptr, nullptr, sm.data(), si.data(), dx.data(),
+                 dw.data(), db.data(), b.data(), z.data(), dz.data());
+    EXPECT_EQ(nbt, 1);
+    int64_t positive = 0;
+    for (int64_t i = 0; i < n; i++) {
+        EXPECT_GE(y.get(i), 0.0f);
+        positive += y.get(i) > 0;
+        EXPECT_TRUE(dz.get(i) == 0.0f || dz.get(i) == dy.get(i)) << i;
+    }
+    EXPECT_GT(positive, 0);
+    try {
+        fwd.forward(x.data(), y.data(), w.data(), b.data(), rm.data(), rv.data(), &nbt);
+        FAIL() << "no exception without z";
+    } catch (const normgen::Error &e) {
+        EXPECT_EQ(e.status(), NG_INVALID_ARGUMENT);
+        EXPECT_TRUE(names(e.what(), "z")) << e.what();
+    }
 }
 
 }  // namespace
