@@ -381,7 +381,7 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
         Result &r = suite.results[c.bench_name];
         for (auto _ : state) {
             // A pair during which any of our threads was preempted (another process wanted a
-            // core) is timed again, up to kMaxRetries times (and at most 2 retries per
+            // core) is timed again, up to kMaxRetries times (and at most one retry per
             // repetition on average, so a busy machine cannot stretch a run without bound); one
             // still disturbed is counted.
             double t_ref = 0, t_kernel = 0;
@@ -390,7 +390,7 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
                 t_ref = timed(calls, reference);
                 t_kernel = timed(calls, kernel);
                 if (involuntary_switches() == switches) break;
-                if (attempt == kMaxRetries || r.retries >= 2 * r.planned_reps) {
+                if (attempt == kMaxRetries || r.retries >= r.planned_reps) {
                     r.disturbed++;
                     break;
                 }
