@@ -208,6 +208,7 @@ struct Result {
     bool cold = true;
     std::string kernel, check = "not run";
     double max_err = NAN;
+    std::string max_err_output;  // which output had max_err
 };
 
 // Everything one (shape, format) needs: inputs, the implementations, check outcomes.
@@ -241,11 +242,12 @@ private:
         f->problem = Problem{shapes[shape], format};
         const Problem &p = f->problem;
         auto record = [&](ImplKind kind, Op op, const std::string &why, const std::string &kernel,
-                          double err) {
+                          double err, const std::string &worst = "") {
             f->failure[int(kind)][int(op)] = why;
             Result &r = result_for(shape, format, op, kind);
             r.kernel = kernel;
             r.max_err = err;
+            r.max_err_output = worst;
             r.check = why.empty() ? "ok" : why;
             if (!why.empty())
                 std::fprintf(stderr, "check %s/%s/%s/%s: %s\n", name(kind), name(op), name(format),
@@ -274,14 +276,14 @@ private:
             const Outputs out = impl.run_for_check();
             for (Op op : kOps) {
                 double err = NAN;
-                std::string why;
+                std::string why, worst;
                 if (!impl.unavailable(op).empty())
                     why = "unavailable: " + impl.unavailable(op);
                 else if (!out.error[int(op)].empty())
                     why = "error: " + out.error[int(op)];
-                else if (std::string diff = check(op, p, oracle, out, &err); !diff.empty())
+                else if (std::string diff = check(op, p, oracle, out, &err, &worst); !diff.empty())
                     why = "FAIL: " + diff;
-                record(kind, op, why, impl.kernel(op), err);
+                record(kind, op, why, impl.kernel(op), err, worst);
             }
         }
         return f;
@@ -426,20 +428,21 @@ public:
                 if (r.check == "ok") r.check = "error: " + run.error_message;
                 continue;
             }
-            if (run.run_type != Run::RT_Aggregate) continue;
+            // With one repetition there are no aggregates: the run is its own median and min.
+            const bool single = run.run_type != Run::RT_Aggregate && run.repetitions <= 1;
+            if (run.run_type != Run::RT_Aggregate && !single) continue;
             auto counter = [&](const char *k) {
                 auto c = run.counters.find(k);
                 return c == run.counters.end() ? NAN : double(c->second);
             };
-            if (run.aggregate_name == "median") {
+            if (single || run.aggregate_name == "median") {
                 r.timed = true;
                 r.median_ms = run.GetAdjustedRealTime() / 1e3;  // registered in microseconds
                 r.ref_median_ms = counter("ref_us") / 1e3;
                 r.frac = counter("frac");
-                r.reps = run.repetitions;
-            } else if (run.aggregate_name == "min") {
-                r.min_ms = run.GetAdjustedRealTime() / 1e3;
+                r.reps = std::max<int64_t>(1, run.repetitions);
             }
+            if (single || run.aggregate_name == "min") r.min_ms = run.GetAdjustedRealTime() / 1e3;
         }
         ConsoleReporter::ReportRuns(shown);
     }
@@ -478,19 +481,19 @@ void write_csv(const Suite &suite, const std::string &path) {
     std::ofstream out(path);
     if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
     out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,"
-           "kernel,"
-           "check,max_err,reps,calls_per_sample,retries,disturbed,cache\n";
+           "kernel,check,max_err,max_err_output,reps,calls_per_sample,retries,disturbed,cache\n";
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
         const Problem p{suite.shapes[c.shape], c.format};
+        const double gb = r.timed ? gbps(p, c.op, r.median_ms) : NAN;
+        const double ref_gb = r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN;
         out << name(c.impl) << ',' << name(c.op) << ',' << name(c.format) << ',' << p.shape() << ','
-            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ','
-            << fmt(r.timed ? gbps(p, c.op, r.median_ms) : NAN, 2) << ',' << fmt(r.ref_median_ms, 4)
-            << ',' << fmt(r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN, 2) << ','
-            << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
-            << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "") << ',' << r.reps << ','
-            << r.calls_per_sample << ',' << r.retries << ',' << r.disturbed << ','
-            << (r.timed ? (r.cold ? "cold" : "warm") : "") << '\n';
+            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ',' << fmt(gb, 2) << ','
+            << fmt(r.ref_median_ms, 4) << ',' << fmt(ref_gb, 2) << ',' << fmt(r.frac, 3) << ','
+            << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
+            << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "") << ',' << r.max_err_output
+            << ',' << r.reps << ',' << r.calls_per_sample << ',' << r.retries << ',' << r.disturbed
+            << ',' << (r.timed ? (r.cold ? "cold" : "warm") : "") << '\n';
     }
 }
 

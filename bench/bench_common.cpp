@@ -160,15 +160,16 @@ static double normalised_error(const float *ref, const float *got, int64_t n) {
 }
 
 std::string check(Op op, const Problem &p, const Outputs &oracle, const Outputs &out,
-                  double *max_err) {
+                  double *max_err, std::string *worst) {
     std::ostringstream why;
     *max_err = 0.0;
+    worst->clear();
     auto compare = [&](const char *what, const float *ref, const float *got, int64_t n,
                        double tol) {
         if (!ref || !got)
             return;  // not produced by this implementation (e.g. oneDNN's running stats)
         const double e = normalised_error(ref, got, n);
-        *max_err = std::max(*max_err, e);
+        if (e > *max_err || worst->empty()) *max_err = e, *worst = what;
         if (!(e <= tol))
             why << (why.tellp() > 0 ? "; " : "") << what << " error " << e << " > " << tol;
     };

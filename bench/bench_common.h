@@ -117,9 +117,9 @@ std::unique_ptr<Impl> make_torch(const Problem &p, const Inputs &in);
 Outputs torch_oracle(const Problem &p, const Inputs &in, std::vector<Buffer> &storage);
 
 // Compares out with the oracle for op; empty string if within tolerance, else what differs.
-// *max_err receives the largest normalised error seen.
+// *max_err receives the largest normalised error seen, *worst the output it was in.
 std::string check(Op op, const Problem &p, const Outputs &oracle, const Outputs &out,
-                  double *max_err);
+                  double *max_err, std::string *worst);
 
 void set_threads(int threads);  // OpenMP, libtorch (and so oneDNN and normgen's pool)
 
