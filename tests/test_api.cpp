@@ -573,8 +573,9 @@ TEST(BadInput, SizeLimitCountsBytesOfTheDtype) {
         EXPECT_TRUE(plan_rejected(NG_OP_FORWARD,
                                   make_tensor({1, 1, max16 + 1}, NG_CONTIGUOUS, dt), p,
                                   NG_UNSUPPORTED, {"shape"}));
-        EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD, make_tensor({2, max16 / 2 + 1}, NG_CONTIGUOUS, dt),
-                                  p, NG_UNSUPPORTED, {"shape"}));
+        EXPECT_TRUE(plan_rejected(NG_OP_BACKWARD,
+                                  make_tensor({2, max16 / 2 + 1}, NG_CONTIGUOUS, dt), p,
+                                  NG_UNSUPPORTED, {"shape"}));
     }
     EXPECT_TRUE(make_plan(NG_OP_FORWARD, make_tensor({1, 1, max32}, NG_CONTIGUOUS), p));
     EXPECT_TRUE(plan_rejected(NG_OP_FORWARD, make_tensor({1, 1, max32 + 1}, NG_CONTIGUOUS), p,
