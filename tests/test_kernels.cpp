@@ -11,6 +11,8 @@
 //                  element type's extents and the fused terms).
 //  RoundingTest    f16 and bf16 outputs that land exactly on ties: round to nearest even, bit
 //                  for bit, in every family, fusion, layout and ISA.
+//  NanTest         a NaN in x or z through every fused / 16-bit variant, as PyTorch's composed
+//                  ops propagate it (ReLU keeps NaN; relu's gradient passes dy where y is NaN).
 //  ExactShapeTest  every exact-shape kernel of the manifest, once, on its own shape.
 //  Stability       fp32 data with mean 1e4 and std 1.
 //  SeedExample, RunningStats*  PyTorch's running-statistics bookkeeping in every mode.
@@ -852,6 +854,122 @@ INSTANTIATE_TEST_SUITE_P(
                (fusion.empty() ? "" : "_" + fusion) +
                (k.format == NG_CHANNELS_LAST ? "_cl" : "_contig");
     });
+
+// ---- NaN through the fused ops, every variant --------------------------------------------
+
+// PyTorch's composed ops: relu(NaN) is NaN (torch.relu is clamp_min, which propagates NaN), so
+// a NaN in x makes its whole channel of y NaN in training (the batch statistics are NaN) and
+// its own element in eval; a NaN in z makes its own element NaN. relu's gradient is
+// threshold_backward(dy, y, 0) = (y <= 0 ? 0 : dy), which passes dy where y is NaN: so in eval
+// (running statistics, the rest of the channel finite) dz = dy and dx = dy * invstd * w at that
+// element. test_torch_parity checks the same against libtorch itself (f32, best ISA); this
+// runs every ISA, dtype, fusion and layout, where the generated max / compare instructions
+// differ, and the plain f16 / bf16 kernels, whose conversions must keep a NaN a NaN. Elements
+// outside the NaN's reach must be exactly those of a run without the NaN.
+struct NanCase {
+    std::string isa;
+    ng_dtype dtype;
+    FusedOps fused;
+    ng_memory_format format;
+};
+
+std::vector<NanCase> nan_cases() {
+    std::vector<NanCase> cases;
+    for (const auto &isa : isa_levels())
+        for (ng_dtype dt : all_dtypes())
+            for (const FusedOps &fused : all_fusions())
+                if (!(dt == NG_F32 && fused.plain()))  // RunningStatsTest.NanStaysInItsChannel
+                    for (ng_memory_format fmt : {NG_CONTIGUOUS, NG_CHANNELS_LAST})
+                        cases.push_back({isa, dt, fused, fmt});
+    return cases;
+}
+
+class NanTest : public ::testing::TestWithParam<NanCase> {};
+
+TEST_P(NanTest, PropagatesAsPyTorch) {
+    const NanCase &k = GetParam();
+    if (!cpu_supports(k.isa)) GTEST_SKIP() << "this CPU cannot run " << k.isa;
+    ng_runtime *rt = runtime_for_isa(k.isa);
+    ASSERT_NE(rt, nullptr);
+    const ng_tensor t = make_tensor({3, 4, 5}, k.format, k.dtype);
+    const ref::View v = view_of(t);
+    const CaseData d = make_data(t, 31);
+    const int64_t nan_x = v.at(1, 2, 3), nan_z = v.at(2, 0, 1);  // channels 2 and 0
+    std::vector<float> x_nan = d.x, z_nan = d.z;
+    x_nan[size_t(nan_x)] = NAN;
+    if (k.fused.residual) z_nan[size_t(nan_z)] = NAN;
+    const GuardedTensor x0 = stored(t, d.x), x1 = stored(t, x_nan), z0 = stored(t, d.z),
+                        z1 = stored(t, z_nan), dy = stored(t, d.dy);
+    const void *zp0 = k.fused.residual ? z0.data() : nullptr;
+    const void *zp1 = k.fused.residual ? z1.data() : nullptr;
+
+    for (int training : {1, 0}) {
+        SCOPED_TRACE(training ? "forward training" : "forward eval");
+        ng_batch_norm_params p = ng_batch_norm_params_default();
+        p.training = training;
+        set_fusion(p, k.fused);
+        ng_plan *raw = nullptr;
+        ASSERT_EQ(ng_plan_create(rt, NG_OP_FORWARD, &t, &p, &raw), NG_OK) << ng_last_error();
+        PlanPtr plan(raw);
+        GuardedTensor y0(k.dtype, v.size()), y1(k.dtype, v.size());
+        for (auto [x, z, y] : {std::tuple{&x0, zp0, &y0}, {&x1, zp1, &y1}}) {
+            std::vector<float> rm = d.running_mean, rv = d.running_var;
+            ASSERT_EQ(ng_batch_norm_forward(plan.get(), x->data(), z, y->data(), d.weight.data(),
+                                            d.bias.data(), rm.data(), rv.data(), nullptr,
+                                            nullptr, nullptr),
+                      NG_OK)
+                << ng_last_error();
+        }
+        int64_t wrong = 0, first = -1;
+        v.for_each([&](int64_t c, int64_t i) {
+            const bool want_nan = (training && c == 2) || i == nan_x ||
+                                  (k.fused.residual && i == nan_z);
+            const float a = y0.get(i), b = y1.get(i);
+            const bool ok = want_nan ? std::isnan(b) : (a == b);
+            if (!ok && wrong++ == 0) first = i;
+        });
+        EXPECT_EQ(wrong, 0) << "y: first wrong element " << first << ": got " << y1.get(first)
+                            << " (without the NaN: " << y0.get(first) << ")";
+    }
+
+    if (!k.fused.relu) return;  // without ReLU the backward does not look at x's value here
+    SCOPED_TRACE("backward eval");
+    ng_batch_norm_params p = ng_batch_norm_params_default();
+    p.training = 0;
+    set_fusion(p, k.fused);
+    ng_plan *raw = nullptr;
+    ASSERT_EQ(ng_plan_create(rt, NG_OP_BACKWARD, &t, &p, &raw), NG_OK) << ng_last_error();
+    PlanPtr plan(raw);
+    GuardedTensor dx(k.dtype, v.size()), dz(k.dtype, v.size());
+    ASSERT_EQ(ng_batch_norm_backward(plan.get(), x1.data(), dy.data(), zp1, d.weight.data(),
+                                     d.bias.data(), d.running_mean.data(), d.running_var.data(),
+                                     nullptr, nullptr, dx.data(), nullptr, nullptr,
+                                     k.fused.residual ? dz.data() : nullptr),
+              NG_OK)
+        << ng_last_error();
+    for (int64_t i : {nan_x, k.fused.residual ? nan_z : nan_x}) {
+        const int64_t c = i == nan_x ? 2 : 0;
+        const double invstd = 1 / std::sqrt(double(d.running_var[c]) + p.eps);
+        const double want_dx = d.dy[i] * invstd * d.weight[c];
+        EXPECT_NEAR(dx.get(i), want_dx,
+                    2e-6 * std::fabs(want_dx) +
+                        0.5 * ref::storage_ulp(want_dx, storage_of(k.dtype)) * 1.01)
+            << "dx at the NaN element " << i << " (PyTorch passes dy where y is NaN)";
+        if (k.fused.residual) {
+            EXPECT_EQ(dz.get(i), d.dy[i])
+                << "dz at the NaN element " << i << " (PyTorch passes dy where y is NaN)";
+        }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(NanInFusedOps, NanTest, ::testing::ValuesIn(nan_cases()),
+                         [](const ::testing::TestParamInfo<NanCase> &info) {
+                             const NanCase &k = info.param;
+                             const std::string fusion = fusion_name(k.fused);
+                             return k.isa + "_" + dtype_name(k.dtype) + "_" +
+                                    (fusion.empty() ? "plain" : fusion) +
+                                    (k.format == NG_CHANNELS_LAST ? "_cl" : "_contig");
+                         });
 
 // ---- The oracle's own storage rounding ------------------------------------------------------
 

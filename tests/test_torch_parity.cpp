@@ -594,6 +594,82 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedParity, ::testing::ValuesIn(kFusedCases),
                                     dtype_name(info.param.dtype);
                          });
 
+// A NaN through the fused forms, as libtorch's composed ops treat it: torch.relu(NaN) is NaN
+// (relu is clamp_min, which propagates NaN), so in training the NaN's whole channel of y is NaN
+// and in eval the element itself; a NaN in z makes its own element NaN. Backward in eval:
+// relu's gradient is threshold_backward(dy, y, 0), which passes dy where y is NaN (NaN <= 0 is
+// false), so dz = dy and dx = dy * invstd * w there. Outputs must have NaN where libtorch does
+// and libtorch's values (fp32 tolerances) elsewhere.
+TEST(FusedParityNaN, ReluAndResidualPropagateNaNLikeTorch) {
+    const std::vector<int64_t> shape = {3, 4, 5};
+    for (bool training : {true, false})
+        for (const FusedOps &fused : {FusedOps{true, false}, FusedOps{true, true}}) {
+            SCOPED_TRACE(fusion_name(fused) + (training ? " training" : " eval"));
+            const ParityCase pc{shape, false};
+            Data d = make_data(pc, 17);
+            const ref::View &v = d.v;
+            Rng rng(5);
+            std::vector<float> z = uniform_vector(v.size(), rng, -2, 2);
+            d.x[size_t(v.at(1, 2, 3))] = NAN;  // channel 2
+            if (fused.residual) z[size_t(v.at(2, 0, 1))] = NAN;  // channel 0, one element
+
+            torch::Tensor x = from_storage(d.x, shape, false).requires_grad_(true);
+            torch::Tensor tz = from_storage(z, shape, false).requires_grad_(true);
+            torch::Tensor w = vec_tensor(d.weight).requires_grad_(true);
+            torch::Tensor b = vec_tensor(d.bias).requires_grad_(true);
+            torch::Tensor y = F::batch_norm(x, vec_tensor(d.running_mean),
+                                            vec_tensor(d.running_var),
+                                            F::BatchNormFuncOptions().weight(w).bias(b).training(
+                                                training));
+            if (fused.residual) y = y + tz;
+            y = torch::relu(y);
+            y.backward(from_storage(d.dy, shape, false));
+
+            ng_batch_norm_params p = ng_batch_norm_params_default();
+            p.training = training;
+            set_fusion(p, fused);
+            PlanPtr fwd = plan_for(NG_OP_FORWARD, d.t, p), bwd = plan_for(NG_OP_BACKWARD, d.t, p);
+            ASSERT_TRUE(fwd && bwd);
+            std::vector<float> ny(v.size()), ndx(v.size()), ndz(v.size()), sm(v.c), si(v.c),
+                rm = d.running_mean, rv = d.running_var, ndw(v.c), ndb(v.c);
+            int64_t nbt = 0;
+            const float *zp = fused.residual ? z.data() : nullptr;
+            ASSERT_EQ(ng_batch_norm_forward(fwd.get(), d.x.data(), zp, ny.data(), d.weight.data(),
+                                            d.bias.data(), rm.data(), rv.data(), &nbt, sm.data(),
+                                            si.data()),
+                      NG_OK)
+                << ng_last_error();
+            ASSERT_EQ(ng_batch_norm_backward(bwd.get(), d.x.data(), d.dy.data(), zp,
+                                             d.weight.data(), d.bias.data(), rm.data(), rv.data(),
+                                             training ? sm.data() : nullptr,
+                                             training ? si.data() : nullptr, ndx.data(),
+                                             ndw.data(), ndb.data(),
+                                             fused.residual ? ndz.data() : nullptr),
+                      NG_OK)
+                << ng_last_error();
+            auto same = [&](const char *what, const std::vector<float> &got,
+                            const std::vector<float> &want) {
+                int64_t nan_mismatch = 0, value_mismatch = 0, first = -1;
+                for (size_t i = 0; i < got.size(); i++) {
+                    const bool bad_nan = std::isnan(got[i]) != std::isnan(want[i]);
+                    const bool bad_value =
+                        !std::isnan(want[i]) &&
+                        !(std::fabs(got[i] - want[i]) <= kAtol + kRtol * std::fabs(want[i]));
+                    nan_mismatch += bad_nan;
+                    value_mismatch += bad_value && !bad_nan;
+                    if ((bad_nan || bad_value) && first < 0) first = int64_t(i);
+                }
+                EXPECT_EQ(nan_mismatch + value_mismatch, 0)
+                    << what << ": " << nan_mismatch << " elements NaN in one and not the other, "
+                    << value_mismatch << " other values differ; first at " << first
+                    << ": normgen " << got[size_t(first)] << ", torch " << want[size_t(first)];
+            };
+            same("y", ny, to_storage(y, false));
+            same("dx", ndx, to_storage(x.grad(), false));
+            if (fused.residual) same("dz", ndz, to_storage(tz.grad(), false));
+        }
+}
+
 // The same message for one value per channel in training.
 TEST(TorchParityErrors, OneValuePerChannel) {
     const std::vector<float> x = {1, 2, 3, 4};
