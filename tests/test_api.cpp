@@ -485,23 +485,26 @@ TEST(BadInput, NotYetSupported) {
     }
 }
 
-// Every dtype x fusion x op x statistics has a plan, with the kernel of its name, and the plan's
-// description says which dtype and fusion it is for.
+// Every dtype x fusion x op x statistics has a plan, with the kernel of its name (batch
+// statistics in training and in eval without running stats), and the plan's description says
+// which dtype and fusion it is for.
 TEST(Api, EveryDtypeAndFusionPlans) {
     const std::string isa = best_isa();
     for (ng_dtype dt : all_dtypes())
         for (const FusedOps &fused : all_fusions())
-            for (int training : {1, 0})
+            for (auto [training, track] : {std::pair{1, 1}, {0, 1}, {0, 0}})
                 for (ng_op op : {NG_OP_FORWARD, NG_OP_BACKWARD}) {
                     const ng_tensor t = make_tensor({4, 3, 5}, NG_CHANNELS_LAST, dt);
                     ng_batch_norm_params p = ng_batch_norm_params_default();
                     p.training = training;
+                    p.track_running_stats = track;
                     set_fusion(p, fused);
+                    const bool batch = training || !track;
                     const Family f = op == NG_OP_FORWARD
-                                         ? (training ? Family::FwdTrain : Family::FwdInfer)
-                                         : (training ? Family::BwdTrain : Family::BwdEval);
+                                         ? (batch ? Family::FwdTrain : Family::FwdInfer)
+                                         : (batch ? Family::BwdTrain : Family::BwdEval);
                     SCOPED_TRACE(std::string(family_name(f)) + " " + dtype_name(dt) + " " +
-                                 fusion_name(fused));
+                                 fusion_name(fused) + (track ? "" : " untracked"));
                     PlanPtr plan = make_plan(op, t, p);
                     ASSERT_TRUE(plan);
                     EXPECT_EQ(chosen_kernel(plan.get()), expected_kernel(f, t, isa, fused));
