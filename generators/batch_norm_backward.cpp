@@ -71,7 +71,9 @@ public:
             if (!relu()) return g;
             Expr pre = (load(p.view.at(*x, s_, c, n_)) - mean(c)) * scale(c) + (*bias)(c);
             if (z) pre += load(p.view.at(*z, s_, c, n_));
-            return select(pre > 0.0f, g, 0.0f);
+            // As threshold_backward(dy, y, 0): zero where y <= 0, so a NaN y passes dy. (Halide
+            // lowers `pre <= 0` to an unordered compare, true for NaN: test NaN explicitly.)
+            return strict_float(select(pre > 0.0f || is_nan(pre), g, 0.0f));
         };
 
         Expr spatial = x->dim(p.view.spatial_dim()).extent();

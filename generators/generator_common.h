@@ -72,12 +72,24 @@ protected:
     TensorOutput *add_tensor_output(const std::string &name) {
         return this->template add_output<Halide::Buffer<>>(name, halide_type(dtype), 3);
     }
-    // Reads a tensor element as float32 / stores a float32 value in the storage type
-    // (round to nearest even).
+    // Reads a tensor element as float32 / stores a float32 value in the storage type (round to
+    // nearest even). NaN must survive both, as in PyTorch; Halide assumes no NaNs (and its
+    // software f16 conversion turns them into infinities) unless an expression is strict_float.
     static Halide::Expr load(Halide::Expr e) { return Halide::cast<float>(e); }
-    Halide::Expr store(Halide::Expr e) const { return Halide::cast(halide_type(dtype), e); }
+    Halide::Expr store(Halide::Expr e) const {
+        const Halide::Type t = halide_type(dtype);
+        if (t == Halide::Float(32)) return e;
+        Halide::Expr rounded = Halide::cast(t, e);
+        if (t == Halide::Float(16)) {  // Halide's f16 conversion makes NaN an infinity
+            Halide::Expr quiet_nan = Halide::reinterpret(t, Halide::cast<uint16_t>(0x7e00));
+            rounded = Halide::select(Halide::is_nan(e), quiet_nan, rounded);
+        }
+        return Halide::strict_float(rounded);
+    }
+    // ReLU as torch.relu: max(e, 0), but NaN stays NaN (x86's max would drop it).
     Halide::Expr activate(Halide::Expr e) const {
-        return activation == Activation::Relu ? Halide::max(e, 0.0f) : e;
+        if (activation != Activation::Relu) return e;
+        return Halide::strict_float(Halide::select(Halide::is_nan(e), e, Halide::max(e, 0.0f)));
     }
 
     // tensors: the 3-D arguments; channel_vectors: the per-channel ones.
