@@ -47,6 +47,20 @@ void read2_write1_reference(const float *__restrict x, const float *__restrict d
     }
 }
 
+void read3_write2_reference(const float *__restrict x, const float *__restrict dy,
+                            const float *__restrict z, float *__restrict dx, float *__restrict dz,
+                            int64_t n) {
+#pragma omp parallel
+    {
+        int64_t b, e;
+        thread_range(n, &b, &e);
+        for (int64_t i = b; i < e; i++) {
+            dx[i] = x[i] + dy[i];
+            dz[i] = dy[i] + z[i];
+        }
+    }
+}
+
 void flush_from_cache(const float *p, int64_t n) {
     const char *bytes = reinterpret_cast<const char *>(p);
     const int64_t lines = (n * int64_t(sizeof(float)) + 63) / 64;

@@ -8,8 +8,13 @@ namespace bench {
 
 // y = x: reads one tensor, writes one (2 passes: the floor for any forward kernel).
 void copy_reference(const float *x, float *y, int64_t n);
-// dx = x + dy: reads two tensors, writes one (3 passes: the floor for any backward kernel).
+// dx = x + dy: reads two tensors, writes one (3 passes: the floor for any backward kernel, and
+// for the forward with a residual, y = act(bn(x) + z)).
 void read2_write1_reference(const float *x, const float *dy, float *dx, int64_t n);
+// dx = x + dy, dz = dy + z in one loop: reads three tensors, writes two (5 passes: the floor for
+// the backward with a residual, which reads x, dy, z and writes dx, dz).
+void read3_write2_reference(const float *x, const float *dy, const float *z, float *dx, float *dz,
+                            int64_t n);
 
 // Writes back and evicts [p, p + n) from every cache level (clflushopt, both threads).
 void flush_from_cache(const float *p, int64_t n);

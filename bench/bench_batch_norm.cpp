@@ -64,6 +64,7 @@ namespace {
 constexpr ImplKind kImpls[] = {ImplKind::normgen, ImplKind::onednn, ImplKind::torch};
 constexpr Op kOps[] = {Op::fwd_train, Op::fwd_infer, Op::bwd_train};
 constexpr Format kFormats[] = {Format::contig, Format::cl};
+constexpr Fusion kFusions[] = {Fusion::none, Fusion::relu, Fusion::addrelu};
 
 // ---- options ------------------------------------------------------------------------------
 
@@ -73,6 +74,7 @@ struct Options {
     std::vector<ImplKind> impls{std::begin(kImpls), std::end(kImpls)};
     std::vector<Op> ops{std::begin(kOps), std::end(kOps)};
     std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
+    std::vector<Fusion> fusions{std::begin(kFusions), std::end(kFusions)};
     int reps = 0;  // 0: by problem size
     int threads = 2;
     std::string note;  // --note=TEXT: a line for the markdown (scripts/bench: the git commit)
@@ -142,6 +144,13 @@ Options parse_options(int *argc, char **argv) {
                                             {"contiguous", Format::contig},
                                             {"nhwc", Format::cl},
                                             {"channels_last", Format::cl}});
+        else if (const char *v = value("--fusion"))
+            o.fusions = parse_list<Fusion>("--fusion", v, kFusions,
+                                           {{"plain", Fusion::none},
+                                            {"bn", Fusion::none},
+                                            {"bn_relu", Fusion::relu},
+                                            {"add_relu", Fusion::addrelu},
+                                            {"bn_add_relu", Fusion::addrelu}});
         else if (const char *v = value("--reps"))
             o.reps = std::max(1, std::atoi(v));
         else if (const char *v = value("--threads"))
@@ -193,6 +202,7 @@ std::vector<std::vector<int64_t>> read_shapes(const std::string &file) {
 struct Case {
     size_t shape;  // index into Suite::shapes
     Format format;
+    Fusion fusion;
     Op op;
     ImplKind impl;
     std::string bench_name;
@@ -227,31 +237,32 @@ public:
     std::vector<Case> cases;
     std::map<std::string, Result> results;  // by bench_name
 
-    Fixture &fixture(size_t shape, Format format) {
-        if (!current_ || current_shape_ != shape || current_->problem.format != format) {
+    Fixture &fixture(size_t shape, Format format, Fusion fusion) {
+        if (!current_ || current_shape_ != shape || current_->problem.format != format ||
+            current_->problem.fusion != fusion) {
             current_.reset();  // free the previous problem's buffers first
-            current_ = build(shape, format);
+            current_ = build(shape, format, fusion);
             current_shape_ = shape;
         }
         return *current_;
     }
 
 private:
-    std::unique_ptr<Fixture> build(size_t shape, Format format) {
+    std::unique_ptr<Fixture> build(size_t shape, Format format, Fusion fusion) {
         auto f = std::make_unique<Fixture>();
-        f->problem = Problem{shapes[shape], format};
+        f->problem = Problem{shapes[shape], format, fusion};
         const Problem &p = f->problem;
         auto record = [&](ImplKind kind, Op op, const std::string &why, const std::string &kernel,
                           double err, const std::string &worst = "") {
             f->failure[int(kind)][int(op)] = why;
-            Result &r = result_for(shape, format, op, kind);
+            Result &r = result_for(shape, format, fusion, op, kind);
             r.kernel = kernel;
             r.max_err = err;
             r.max_err_output = worst;
             r.check = why.empty() ? "ok" : why;
             if (!why.empty())
-                std::fprintf(stderr, "check %s/%s/%s/%s: %s\n", name(kind), name(op), name(format),
-                             p.shape().c_str(), why.c_str());
+                std::fprintf(stderr, "check %s/%s/%s/%s/%s: %s\n", name(kind), name(fusion),
+                             name(op), name(format), p.shape().c_str(), why.c_str());
         };
         f->inputs = std::make_unique<Inputs>(p);
         std::vector<Buffer> storage;
@@ -289,9 +300,10 @@ private:
         return f;
     }
 
-    Result &result_for(size_t shape, Format format, Op op, ImplKind impl) {
+    Result &result_for(size_t shape, Format format, Fusion fusion, Op op, ImplKind impl) {
         for (const Case &c : cases)
-            if (c.shape == shape && c.format == format && c.op == op && c.impl == impl)
+            if (c.shape == shape && c.format == format && c.fusion == fusion && c.op == op &&
+                c.impl == impl)
                 return results[c.bench_name];
         return scratch_;  // an op/impl filtered out: checked but not reported
     }
@@ -317,7 +329,7 @@ int64_t l2_per_core() {
 // produced it); a larger one cold, from DRAM.
 bool timed_cold(const Options &o, const Problem &p, Op op) {
     if (o.cache != Options::Cache::automatic) return o.cache == Options::Cache::cold;
-    return passes(op) * p.numel() * int64_t(sizeof(float)) > o.l2_bytes;
+    return passes(p, op) * p.numel() * int64_t(sizeof(float)) > o.l2_bytes;
 }
 
 long involuntary_switches() {  // of every thread of this process
@@ -331,7 +343,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 void run_case(benchmark::State &state, Suite &suite, const Case &c) {
-    Fixture &f = suite.fixture(c.shape, c.format);
+    Fixture &f = suite.fixture(c.shape, c.format, c.fusion);
     const int i = int(c.impl), o = int(c.op);
     if (!f.failure[i][o].empty()) {
         state.SkipWithError(f.failure[i][o].c_str());
@@ -341,18 +353,30 @@ void run_case(benchmark::State &state, Suite &suite, const Case &c) {
     const Inputs &in = *f.inputs;
     const int64_t n = f.problem.numel();
     float *out = impl.output(c.op);
+    const bool residual = f.problem.residual(), bwd = c.op == Op::bwd_train;
+    // The minimum bytes of the op (see passes()): y = x; y = x + z; dx = x + dy; and with the
+    // residual dx = x + dy, dz = dy + z.
     auto reference = [&] {
-        if (c.op == Op::bwd_train)
+        if (bwd && residual)
+            read3_write2_reference(in.x.data(), in.dy.data(), in.z.data(), out,
+                                   impl.residual_grad(), n);
+        else if (bwd)
             read2_write1_reference(in.x.data(), in.dy.data(), out, n);
+        else if (residual)
+            read2_write1_reference(in.x.data(), in.z.data(), out, n);
         else
             copy_reference(in.x.data(), out, n);
     };
     auto kernel = [&] { impl.run(c.op); };
-    // Cold: every timed call starts with the tensors it touches flushed from the caches.
+    // Cold: every timed call starts with the tensors it touches flushed from the caches (the
+    // implementation's own intermediates too: a peer's saved y, ReLU gradient or mask).
+    std::vector<std::pair<const float *, int64_t>> tensors{{in.x.data(), n}, {out, n}};
+    if (bwd) tensors.push_back({in.dy.data(), n});
+    if (residual) tensors.push_back({in.z.data(), n});
+    if (bwd && residual) tensors.push_back({impl.residual_grad(), n});
+    for (const auto &t : impl.internal_tensors(c.op)) tensors.push_back(t);
     auto flush = [&] {
-        flush_from_cache(in.x.data(), n);
-        flush_from_cache(out, n);
-        if (c.op == Op::bwd_train) flush_from_cache(in.dy.data(), n);
+        for (const auto &[ptr, count] : tensors) flush_from_cache(ptr, count);
     };
     const bool cold = timed_cold(suite.opt, f.problem, c.op);
     suite.results[c.bench_name].cold = cold;
@@ -454,7 +478,7 @@ private:
 // ---- outputs ------------------------------------------------------------------------------
 
 double gbps(const Problem &p, Op op, double ms) {
-    return double(passes(op)) * p.numel() * sizeof(float) / (ms * 1e-3) / 1e9;
+    return double(passes(p, op)) * p.numel() * sizeof(float) / (ms * 1e-3) / 1e9;
 }
 
 std::string fmt(double v, int digits = 3) {
@@ -480,20 +504,22 @@ std::string csv_field(const std::string &s) {
 void write_csv(const Suite &suite, const std::string &path) {
     std::ofstream out(path);
     if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
-    out << "impl,op,format,shape,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,fraction_of_ref,"
-           "kernel,check,max_err,max_err_output,reps,calls_per_sample,retries,disturbed,cache\n";
+    out << "impl,op,fusion,format,shape,passes,median_ms,min_ms,gbps,ref_median_ms,ref_gbps,"
+           "fraction_of_ref,kernel,check,max_err,max_err_output,reps,calls_per_sample,retries,"
+           "disturbed,cache\n";
     for (const Case &c : suite.cases) {
         const Result &r = suite.results.at(c.bench_name);
-        const Problem p{suite.shapes[c.shape], c.format};
+        const Problem p{suite.shapes[c.shape], c.format, c.fusion};
         const double gb = r.timed ? gbps(p, c.op, r.median_ms) : NAN;
         const double ref_gb = r.timed ? gbps(p, c.op, r.ref_median_ms) : NAN;
-        out << name(c.impl) << ',' << name(c.op) << ',' << name(c.format) << ',' << p.shape() << ','
-            << fmt(r.median_ms, 4) << ',' << fmt(r.min_ms, 4) << ',' << fmt(gb, 2) << ','
-            << fmt(r.ref_median_ms, 4) << ',' << fmt(ref_gb, 2) << ',' << fmt(r.frac, 3) << ','
-            << csv_field(r.kernel) << ',' << csv_field(r.check) << ','
-            << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "") << ',' << r.max_err_output
-            << ',' << r.reps << ',' << r.calls_per_sample << ',' << r.retries << ',' << r.disturbed
-            << ',' << (r.timed ? (r.cold ? "cold" : "warm") : "") << '\n';
+        out << name(c.impl) << ',' << name(c.op) << ',' << name(c.fusion) << ',' << name(c.format)
+            << ',' << p.shape() << ',' << passes(p, c.op) << ',' << fmt(r.median_ms, 4) << ','
+            << fmt(r.min_ms, 4) << ',' << fmt(gb, 2) << ',' << fmt(r.ref_median_ms, 4) << ','
+            << fmt(ref_gb, 2) << ',' << fmt(r.frac, 3) << ',' << csv_field(r.kernel) << ','
+            << csv_field(r.check) << ',' << (std::isfinite(r.max_err) ? fmt_sci(r.max_err) : "")
+            << ',' << r.max_err_output << ',' << r.reps << ',' << r.calls_per_sample << ','
+            << r.retries << ',' << r.disturbed << ',' << (r.timed ? (r.cold ? "cold" : "warm") : "")
+            << '\n';
     }
 }
 
@@ -518,173 +544,348 @@ std::string machine_line(int threads) {
            std::to_string(threads) + " OpenMP threads for every implementation";
 }
 
-void write_markdown(const Suite &suite, const std::string &path) {
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error("--markdown: cannot write '" + path + "'");
-    const Options &o = suite.opt;
-    auto get = [&](size_t s, Format f, Op op, ImplKind impl) -> const Result * {
-        for (const Case &c : suite.cases)
-            if (c.shape == s && c.format == f && c.op == op && c.impl == impl)
-                return &suite.results.at(c.bench_name);
+// "fwd_train" plain, "fwd_train + relu", "bwd_train + addrelu": the heading of a fused table.
+std::string title(Fusion fusion, Op op) {
+    return std::string(name(op)) + (fusion == Fusion::none ? "" : std::string(" + ") + name(fusion));
+}
+
+class Markdown {
+public:
+    explicit Markdown(const Suite &suite) : suite_(suite), o_(suite.opt) {}
+
+    void write(std::ostream &out) const {
+        const bool fused = std::any_of(o_.fusions.begin(), o_.fusions.end(),
+                                       [](Fusion f) { return f != Fusion::none; });
+        const bool plain = has(Fusion::none);
+        out << "# BatchNorm fp32" << (fused ? (plain ? ", plain and fused" : ", fused") : "")
+            << ": normgen vs oneDNN vs libtorch\n\n"
+            << machine_line(o_.threads) << "; shapes from `" << o_.shapes_file << "`"
+            << (o_.note.empty() ? "" : "; " + o_.note) << ".\n\n";
+        method(out, fused);
+        goals(out);
+        summary(out);
+        for (Fusion fusion : o_.fusions)
+            for (Op op : o_.ops)
+                for (Format f : o_.formats) per_shape(out, fusion, op, f);
+        measurement(out);
+    }
+
+private:
+    const Result *get(size_t s, Format f, Fusion fu, Op op, ImplKind impl) const {
+        for (const Case &c : suite_.cases)
+            if (c.shape == s && c.format == f && c.fusion == fu && c.op == op && c.impl == impl)
+                return &suite_.results.at(c.bench_name);
         return nullptr;
-    };
-    auto has = [&](ImplKind k) {
-        return std::find(o.impls.begin(), o.impls.end(), k) != o.impls.end();
-    };
-    out << "# BatchNorm fp32: normgen vs oneDNN vs libtorch\n\n"
-        << machine_line(o.threads) << "; shapes from `" << o.shapes_file << "`"
-        << (o.note.empty() ? "" : "; " + o.note) << ".\n\n"
-        << "Each repetition times a bandwidth reference and then the kernel on the same buffers: a "
-           "copy "
-           "(y = x) for forward, a read-two-write-one (dx = x + dy) for backward, both plain "
-           "OpenMP loops "
-           "with ordinary stores. `frac` is the median over repetitions of t_ref / t_kernel (1.0: "
-           "as fast "
-           "as moving the minimum bytes with a plain loop; kernels with streaming stores can "
-           "exceed it); "
-           "times are medians. GB/s counts 2 passes over the tensor (forward) or 3 (backward). "
-           "Cache: "
-        << (o.cache == Options::Cache::cold
-                ? "cold: each timed call starts with its tensors flushed from the caches"
-            : o.cache == Options::Cache::warm
-                ? "warm: back-to-back calls"
-                : "each timed call starts with its tensors flushed from the caches (cold), "
-                  "except problems that fit in the threads' L2 (" +
-                      std::to_string(o.l2_bytes >> 20) +
-                      " MiB), timed warm as after the layer that produced them "
-                      "(marked *)")
-        << ". libtorch is timed through the kernels its operators dispatch to, without output "
-           "allocation "
-           "(see bench/impl_torch.cpp); oneDNN with nchw/nhwc memory (its JIT kernels need nhwc: "
-           "on nchw "
-           "it runs `ncsp_bnorm:any`).\n\n";
-
-    // Summary: geometric means over the shapes every listed implementation timed.
-    out << "## Summary (geometric means over the suite)\n\n"
-        << "| op | format | impl | shapes | median ms | GB/s | frac of ref | normgen / impl (frac) "
-           "| normgen / impl (time) |\n"
-        << "|---|---|---|---:|---:|---:|---:|---:|---:|\n";
-    std::ostringstream headline;
-    headline
-        << "| op | format | best peer | normgen / best peer (frac) | normgen / best peer (time) |\n"
-        << "|---|---|---|---:|---:|\n";
-    for (Op op : o.ops)
-        for (Format f : o.formats) {
-            std::vector<size_t> common;
-            for (size_t s = 0; s < suite.shapes.size(); s++) {
-                bool all = true;
-                for (ImplKind k : o.impls) {
-                    const Result *r = get(s, f, op, k);
-                    all = all && r && r->timed;
-                }
-                if (all) common.push_back(s);
+    }
+    bool has(ImplKind k) const {
+        return std::find(o_.impls.begin(), o_.impls.end(), k) != o_.impls.end();
+    }
+    bool has(Fusion f) const {
+        return std::find(o_.fusions.begin(), o_.fusions.end(), f) != o_.fusions.end();
+    }
+    bool has(Op op) const { return std::find(o_.ops.begin(), o_.ops.end(), op) != o_.ops.end(); }
+    bool has(Format f) const {
+        return std::find(o_.formats.begin(), o_.formats.end(), f) != o_.formats.end();
+    }
+    std::vector<ImplKind> peers() const {
+        std::vector<ImplKind> out;
+        for (ImplKind k : o_.impls)
+            if (k != ImplKind::normgen) out.push_back(k);
+        return out;
+    }
+    // Shapes every implementation in impls timed for (format, fusion, op).
+    std::vector<size_t> common(Format f, Fusion fu, Op op, const std::vector<ImplKind> &impls) const {
+        std::vector<size_t> out;
+        for (size_t s = 0; s < suite_.shapes.size(); s++) {
+            bool all = true;
+            for (ImplKind k : impls) {
+                const Result *r = get(s, f, fu, op, k);
+                all = all && r && r->timed;
             }
-            if (common.empty()) continue;
-            struct G {
-                double ms = 0, gbps = 0, frac = 0;
-            };
-            std::map<ImplKind, G> g;
-            for (ImplKind k : o.impls) {
-                G &x = g[k];
-                for (size_t s : common) {
-                    const Result &r = *get(s, f, op, k);
-                    x.ms += std::log(r.median_ms);
-                    x.gbps += std::log(gbps(Problem{suite.shapes[s], f}, op, r.median_ms));
-                    x.frac += std::log(r.frac);
-                }
-                x.ms = std::exp(x.ms / common.size());
-                x.gbps = std::exp(x.gbps / common.size());
-                x.frac = std::exp(x.frac / common.size());
-            }
-            for (ImplKind k : o.impls) {
-                out << "| " << name(op) << " | " << name(f) << " | " << name(k) << " | "
-                    << common.size() << " | " << fmt(g[k].ms) << " | " << fmt(g[k].gbps, 1) << " | "
-                    << fmt(g[k].frac) << " | ";
-                if (has(ImplKind::normgen) && k != ImplKind::normgen)
-                    out << fmt(g[ImplKind::normgen].frac / g[k].frac) << " | "
-                        << fmt(g[k].ms / g[ImplKind::normgen].ms) << " |\n";
-                else
-                    out << " | |\n";
-            }
-            if (has(ImplKind::normgen) && (has(ImplKind::onednn) || has(ImplKind::torch))) {
-                ImplKind best = has(ImplKind::onednn) ? ImplKind::onednn : ImplKind::torch;
-                if (has(ImplKind::onednn) && has(ImplKind::torch) &&
-                    g[ImplKind::torch].frac > g[ImplKind::onednn].frac)
-                    best = ImplKind::torch;
-                headline << "| " << name(op) << " | " << name(f) << " | " << name(best) << " | "
-                         << fmt(g[ImplKind::normgen].frac / g[best].frac) << " | "
-                         << fmt(g[best].ms / g[ImplKind::normgen].ms) << " |\n";
-            }
+            if (all) out.push_back(s);
         }
-    out << "\n`normgen / X` > 1 means normgen is faster than X (ratio of geometric-mean fractions "
-           "of "
-           "reference, and inverse ratio of geometric-mean times).\n\n"
-        << "### normgen against the best peer (the faster of oneDNN and libtorch by geometric "
-           "mean, per op and format)\n\n"
-        << headline.str() << "\n";
+        return out;
+    }
+    struct Geo {
+        double ms = 0, gbps = 0, frac = 0;
+    };
+    Geo geomean(const std::vector<size_t> &shapes, Format f, Fusion fu, Op op, ImplKind k) const {
+        Geo g;
+        for (size_t s : shapes) {
+            const Result &r = *get(s, f, fu, op, k);
+            g.ms += std::log(r.median_ms);
+            g.gbps += std::log(gbps(Problem{suite_.shapes[s], f, fu}, op, r.median_ms));
+            g.frac += std::log(r.frac);
+        }
+        const double n = double(shapes.size());
+        return {std::exp(g.ms / n), std::exp(g.gbps / n), std::exp(g.frac / n)};
+    }
 
-    // Per shape, one table per (op, format).
-    for (Op op : o.ops)
-        for (Format f : o.formats) {
-            out << "## " << name(op) << ", " << name(f) << "\n\n| shape | MB | ref GB/s |";
-            for (ImplKind k : o.impls) out << ' ' << name(k) << " ms | frac |";
-            if (has(ImplKind::normgen) && o.impls.size() > 1) out << " normgen / best peer |";
-            out << " normgen kernel |\n|---|---:|---:|";
-            for (size_t k = 0; k < o.impls.size(); k++) out << "---:|---:|";
-            if (has(ImplKind::normgen) && o.impls.size() > 1) out << "---:|";
-            out << "---|\n";
-            for (size_t s = 0; s < suite.shapes.size(); s++) {
-                const Problem p{suite.shapes[s], f};
-                std::vector<double> refs;
-                for (ImplKind k : o.impls)
-                    if (const Result *r = get(s, f, op, k); r && r->timed)
-                        refs.push_back(gbps(p, op, r->ref_median_ms));
-                std::sort(refs.begin(), refs.end());
-                const bool warm = o.cache == Options::Cache::automatic && !timed_cold(o, p, op);
+    void method(std::ostream &out, bool fused) const {
+        out << "Each repetition times a bandwidth reference and then the kernel on the same "
+               "buffers, both moving the op's minimum bytes: a copy (y = x, 2 passes over the "
+               "tensor) for the forward, a read-two-write-one (dx = x + dy, 3 passes) for the "
+               "backward";
+        if (has(Fusion::addrelu))
+            out << "; with the residual add, y = x + z (read two, write one: 3 passes) for the "
+                   "forward and dx = x + dy, dz = dy + z in one loop (read three, write two: 5 "
+                   "passes) for the backward, which must read x, dy, z and write dx, dz";
+        out << ". All are plain OpenMP loops with ordinary stores. `frac` is the median over "
+               "repetitions of t_ref / t_kernel (1.0: as fast as moving the minimum bytes with a "
+               "plain loop; kernels with streaming stores can exceed it); times are medians. GB/s "
+               "counts those minimum passes (the CSV's `passes`), whatever the implementation "
+               "really moves. Cache: "
+            << (o_.cache == Options::Cache::cold
+                    ? "cold: each timed call starts with its tensors flushed from the caches"
+                : o_.cache == Options::Cache::warm
+                    ? "warm: back-to-back calls"
+                    : "each timed call starts with every tensor it touches flushed from the "
+                      "caches (cold; a peer's intermediates too), except problems that fit in "
+                      "the threads' L2 (" +
+                          std::to_string(o_.l2_bytes >> 20) +
+                          " MiB), timed warm as after the layer that produced them (marked *)")
+            << ". libtorch is timed through the kernels its operators dispatch to, without "
+               "output allocation (see bench/impl_torch.cpp); oneDNN with nchw/nhwc memory (its "
+               "JIT kernels need nhwc: on nchw it runs `ncsp_bnorm:any`).\n\n";
+        if (fused)
+            out << "Fused forms: normgen runs one kernel (params.activation = NG_ACT_RELU, "
+                   "params.residual = 1 with z), whose backward recomputes the ReLU mask from x, "
+                   "z and the saved statistics and writes dx, dweight, dbias (and dz). The peers "
+                   "run what a framework runs: oneDNN batch normalization with `fuse_norm_relu` "
+                   "(its backward reads the forward's workspace) for BN+ReLU, and for "
+                   "BN+add+ReLU the sequence batch_normalization -> binary add -> eltwise relu "
+                   "in place on y (backward: eltwise_backward relu on the saved y -> "
+                   "batch_normalization_backward); libtorch bn -> add_ -> relu_ in place "
+                   "(backward as autograd runs it: threshold_backward_out on the saved y -> "
+                   "batch_norm_cpu_backward_stub). In both peers dz is the ReLU gradient g "
+                   "itself (the add's gradient is the identity), and the saved y is read by the "
+                   "backward as a framework would (not counted in the minimum bytes). Inputs are "
+                   "chosen so that no training pre-activation lies within 1e-4 of 0 (so every "
+                   "correct implementation has the same ReLU mask and dx is checked "
+                   "elementwise).\n\n";
+    }
+
+    // The two goals, when this run has the data for them.
+    void goals(std::ostream &out) const {
+        const bool goal1 = has(Fusion::addrelu) && has(Op::fwd_train) && has(Format::contig) &&
+                           has(ImplKind::normgen) && !peers().empty();
+        const bool goal2 = has(Fusion::none) && has(Op::fwd_train) && has(Format::contig) &&
+                           has(ImplKind::normgen);
+        if (!goal1 && !goal2) return;
+        out << "## Goals\n\n";
+        if (goal1) {
+            out << "**(1) Fused BN+add+ReLU forward training at least 1.5x faster than the "
+                   "fastest unfused peer sequence (geometric mean, contiguous).**\n\n"
+                << "| format | shapes | normgen ms | fastest peer | its ms | peer / normgen "
+                   "(time) | per-shape best peer / normgen | goal 1.5x |\n"
+                << "|---|---:|---:|---|---:|---:|---:|---|\n";
+            for (Format f : o_.formats) {
+                std::vector<ImplKind> all = o_.impls;
+                const std::vector<size_t> shapes = common(f, Fusion::addrelu, Op::fwd_train, all);
+                if (shapes.empty()) continue;
+                const Geo ng = geomean(shapes, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen);
+                ImplKind best = peers().front();
+                Geo best_g = geomean(shapes, f, Fusion::addrelu, Op::fwd_train, best);
+                for (ImplKind k : peers())
+                    if (Geo g = geomean(shapes, f, Fusion::addrelu, Op::fwd_train, k);
+                        g.ms < best_g.ms)
+                        best = k, best_g = g;
+                // Stricter: against the faster peer on each shape.
+                double per_shape = 0;
+                for (size_t s : shapes) {
+                    double fastest = INFINITY;
+                    for (ImplKind k : peers())
+                        fastest = std::min(fastest,
+                                           get(s, f, Fusion::addrelu, Op::fwd_train, k)->median_ms);
+                    per_shape += std::log(
+                        fastest / get(s, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen)
+                                      ->median_ms);
+                }
+                per_shape = std::exp(per_shape / shapes.size());
+                const double ratio = best_g.ms / ng.ms;
+                out << "| " << name(f) << " | " << shapes.size() << " | " << fmt(ng.ms) << " | "
+                    << name(best) << " | " << fmt(best_g.ms) << " | **" << fmt(ratio, 2)
+                    << "x** | " << fmt(per_shape, 2) << "x | "
+                    << (f == Format::contig ? (ratio >= 1.5 ? "met" : "NOT met") : "(contig only)")
+                    << " |\n";
+            }
+            out << "\n";
+        }
+        if (goal2) {
+            const int64_t l2 = l2_per_core();
+            out << "**(2) Cache-blocked forward training within 80% of the 2-pass bandwidth bound "
+                   "(the copy reference: frac >= 0.8) on shapes whose channel slice N*S*4 bytes "
+                   "fits in L2.** L2 per core read from "
+                   "/sys/devices/system/cpu/cpu0/cache/index2/size: "
+                << (l2 >> 10) << " KiB. Contiguous, plain fp32.\n\n"
+                << "| shape | slice KiB | qualifies | normgen frac | normgen GB/s | ref GB/s | "
+                   ">= 0.8 | kernel |\n|---|---:|---|---:|---:|---:|---|---|\n";
+            int qualifying = 0, met = 0;
+            double log_frac = 0;
+            for (size_t s = 0; s < suite_.shapes.size(); s++) {
+                const Problem p{suite_.shapes[s], Format::contig, Fusion::none};
+                const int64_t slice = p.n() * p.s() * int64_t(sizeof(float));
+                const bool fits = slice <= l2;
+                const Result *r = get(s, Format::contig, Fusion::none, Op::fwd_train,
+                                      ImplKind::normgen);
+                const bool warm = r && r->timed && !r->cold;
                 out << "| " << p.shape() << (warm ? "*" : "") << " | "
-                    << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
-                    << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
-                double best_peer = NAN;
-                for (ImplKind k : o.impls) {
-                    const Result *r = get(s, f, op, k);
-                    if (r && r->timed) {
-                        out << ' ' << fmt(r->median_ms) << " | " << fmt(r->frac, 2)
-                            << (4 * r->disturbed > r->reps ? "!" : "") << " |";
-                        if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
-                    } else {
-                        out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a")
-                            << " | |";
+                    << fmt(slice / 1024.0, 1) << " | " << (fits ? "yes" : "no") << " | ";
+                if (r && r->timed) {
+                    out << fmt(r->frac, 2) << (4 * r->disturbed > r->reps ? "!" : "") << " | "
+                        << fmt(gbps(p, Op::fwd_train, r->median_ms), 1) << " | "
+                        << fmt(gbps(p, Op::fwd_train, r->ref_median_ms), 1) << " | "
+                        << (fits ? (r->frac >= 0.8 ? "yes" : "**no**") : "") << " | " << r->kernel
+                        << " |\n";
+                    if (fits) {
+                        qualifying++;
+                        met += r->frac >= 0.8;
+                        log_frac += std::log(r->frac);
+                    }
+                } else {
+                    out << "n/a | | | | " << (r ? r->check : "") << " |\n";
+                }
+            }
+            out << "\n" << met << " of " << qualifying << " qualifying shapes reach 0.8";
+            if (qualifying)
+                out << "; geometric mean frac " << fmt(std::exp(log_frac / qualifying), 2);
+            out << ". (* timed warm: the problem fits in L2, so its frac is not a DRAM "
+                   "figure.)\n\n";
+        }
+    }
+
+    void summary(std::ostream &out) const {
+        out << "## Summary (geometric means over the suite)\n\n"
+            << "| op | fusion | format | impl | shapes | median ms | GB/s | frac of ref | "
+               "normgen / impl (frac) | normgen / impl (time) |\n"
+            << "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n";
+        std::ostringstream headline;
+        headline << "| op | fusion | format | best peer | normgen / best peer (frac) | normgen / "
+                    "best peer (time) |\n"
+                 << "|---|---|---|---|---:|---:|\n";
+        for (Fusion fu : o_.fusions)
+            for (Op op : o_.ops)
+                for (Format f : o_.formats) {
+                    const std::vector<size_t> shapes = common(f, fu, op, o_.impls);
+                    if (shapes.empty()) continue;
+                    std::map<ImplKind, Geo> g;
+                    for (ImplKind k : o_.impls) g[k] = geomean(shapes, f, fu, op, k);
+                    for (ImplKind k : o_.impls) {
+                        out << "| " << name(op) << " | " << name(fu) << " | " << name(f) << " | "
+                            << name(k) << " | " << shapes.size() << " | " << fmt(g[k].ms) << " | "
+                            << fmt(g[k].gbps, 1) << " | " << fmt(g[k].frac) << " | ";
+                        if (has(ImplKind::normgen) && k != ImplKind::normgen)
+                            out << fmt(g[ImplKind::normgen].frac / g[k].frac) << " | "
+                                << fmt(g[k].ms / g[ImplKind::normgen].ms) << " |\n";
+                        else
+                            out << " | |\n";
+                    }
+                    if (has(ImplKind::normgen) && !peers().empty()) {
+                        ImplKind best = peers().front();
+                        for (ImplKind k : peers())
+                            if (g[k].frac > g[best].frac) best = k;
+                        headline << "| " << name(op) << " | " << name(fu) << " | " << name(f)
+                                 << " | " << name(best) << " | "
+                                 << fmt(g[ImplKind::normgen].frac / g[best].frac) << " | "
+                                 << fmt(g[best].ms / g[ImplKind::normgen].ms) << " |\n";
                     }
                 }
-                const Result *ng = get(s, f, op, ImplKind::normgen);
-                if (has(ImplKind::normgen) && o.impls.size() > 1)
-                    out << ' ' << (ng && ng->timed ? fmt(ng->frac / best_peer, 2) : "") << " |";
-                out << ' ' << (ng ? ng->kernel : "") << " |\n";
+        out << "\n`normgen / X` > 1 means normgen is faster than X (ratio of geometric-mean "
+               "fractions of reference, and inverse ratio of geometric-mean times).\n\n"
+            << "### normgen against the best peer (the faster of oneDNN and libtorch by "
+               "geometric mean, per op, fusion and format)\n\n"
+            << headline.str() << "\n";
+    }
+
+    void per_shape(std::ostream &out, Fusion fu, Op op, Format f) const {
+        const bool compare = has(ImplKind::normgen) && o_.impls.size() > 1;
+        out << "## " << title(fu, op) << ", " << name(f) << "\n\n"
+            << "| shape | MB | ref GB/s |" << (has(ImplKind::normgen) ? " normgen GB/s |" : "");
+        for (ImplKind k : o_.impls) out << ' ' << name(k) << " ms | frac |";
+        if (compare) out << " normgen / best peer |";
+        out << " normgen kernel |\n|---|---:|---:|" << (has(ImplKind::normgen) ? "---:|" : "");
+        for (size_t k = 0; k < o_.impls.size(); k++) out << "---:|---:|";
+        if (compare) out << "---:|";
+        out << "---|\n";
+        for (size_t s = 0; s < suite_.shapes.size(); s++) {
+            const Problem p{suite_.shapes[s], f, fu};
+            std::vector<double> refs;
+            for (ImplKind k : o_.impls)
+                if (const Result *r = get(s, f, fu, op, k); r && r->timed)
+                    refs.push_back(gbps(p, op, r->ref_median_ms));
+            std::sort(refs.begin(), refs.end());
+            const bool warm = o_.cache == Options::Cache::automatic && !timed_cold(o_, p, op);
+            const Result *ng = get(s, f, fu, op, ImplKind::normgen);
+            out << "| " << p.shape() << (warm ? "*" : "") << " | "
+                << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
+                << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
+            if (has(ImplKind::normgen))
+                out << ' ' << (ng && ng->timed ? fmt(gbps(p, op, ng->median_ms), 1) : "") << " |";
+            double best_peer = NAN;
+            for (ImplKind k : o_.impls) {
+                const Result *r = get(s, f, fu, op, k);
+                if (r && r->timed) {
+                    out << ' ' << fmt(r->median_ms) << " | " << fmt(r->frac, 2)
+                        << (4 * r->disturbed > r->reps ? "!" : "") << " |";
+                    if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
+                } else {
+                    out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a")
+                        << " | |";
+                }
+            }
+            if (compare)
+                out << ' ' << (ng && ng->timed ? fmt(ng->frac / best_peer, 2) : "") << " |";
+            out << ' ' << (ng ? ng->kernel : "") << " |\n";
+        }
+        out << '\n';
+        if (fu != Fusion::none) {  // the peers' sequences (distinct ones over the shapes)
+            for (ImplKind k : peers()) {
+                std::vector<std::string> paths;
+                for (size_t s = 0; s < suite_.shapes.size(); s++)
+                    if (const Result *r = get(s, f, fu, op, k); r && !r->kernel.empty() &&
+                        std::find(paths.begin(), paths.end(), r->kernel) == paths.end())
+                        paths.push_back(r->kernel);
+                if (paths.empty()) continue;
+                out << "- " << name(k) << ":";
+                for (const std::string &path : paths) out << " `" << path << "`";
+                out << '\n';
             }
             out << '\n';
         }
-
-    std::ostringstream problems;
-    int64_t retries = 0, pairs = 0, disturbed = 0, noisy = 0, timed = 0;
-    for (const Case &c : suite.cases) {
-        const Result &r = suite.results.at(c.bench_name);
-        if (r.check != "ok") problems << "- " << c.bench_name << ": " << r.check << '\n';
-        if (!r.timed) continue;
-        timed++;
-        retries += r.retries;
-        pairs += r.reps;
-        disturbed += r.disturbed;
-        noisy += 4 * r.disturbed > r.reps;
     }
-    if (!problems.str().empty())
-        out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
-    out << "## Measurement\n\n"
-        << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; " << retries
-        << " retimed because a thread of the benchmark was preempted by another process, "
-        << disturbed << " still preempted after " << kMaxRetries << " retries. " << noisy
-        << " benchmarks had more than a quarter of their repetitions preempted: their `frac` is "
-           "marked `!` "
-           "and is less reliable (the CSV has the counts).\n\n";
+
+    void measurement(std::ostream &out) const {
+        std::ostringstream problems;
+        int64_t retries = 0, pairs = 0, disturbed = 0, noisy = 0, timed = 0;
+        for (const Case &c : suite_.cases) {
+            const Result &r = suite_.results.at(c.bench_name);
+            if (r.check != "ok") problems << "- " << c.bench_name << ": " << r.check << '\n';
+            if (!r.timed) continue;
+            timed++;
+            retries += r.retries;
+            pairs += r.reps;
+            disturbed += r.disturbed;
+            noisy += 4 * r.disturbed > r.reps;
+        }
+        if (!problems.str().empty())
+            out << "## Not timed or failed checks\n\n" << problems.str() << '\n';
+        out << "## Measurement\n\n"
+            << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; "
+            << retries << " retimed because a thread of the benchmark was preempted by another "
+            << "process, " << disturbed << " still preempted after " << kMaxRetries
+            << " retries. " << noisy
+            << " benchmarks had more than a quarter of their repetitions preempted: their `frac` "
+               "is marked `!` and is less reliable (the CSV has the counts).\n\n";
+    }
+
+    const Suite &suite_;
+    const Options &o_;
+};
+
+void write_markdown(const Suite &suite, const std::string &path) {
+    std::ofstream out(path);
+    if (!out) throw std::runtime_error("--markdown: cannot write '" + path + "'");
+    Markdown(suite).write(out);
 }
 
 }  // namespace
@@ -706,22 +907,27 @@ int main(int argc, char **argv) {
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
 
+    // Benchmark names: bn/<impl>/<op>/<format>/<shape>, fused bn_relu/... and bn_addrelu/...
     for (size_t s = 0; s < suite.shapes.size(); s++)
         for (Format f : o.formats)
-            for (Op op : o.ops)
-                for (ImplKind impl : o.impls) {
-                    const Problem p{suite.shapes[s], f};
-                    Case c{s, f, op, impl,
-                           std::string("bn/") + name(impl) + "/" + name(op) + "/" + name(f) + "/" +
-                               p.shape()};
-                    suite.cases.push_back(c);
-                    suite.results[c.bench_name];
-                }
+            for (Fusion fu : o.fusions)
+                for (Op op : o.ops)
+                    for (ImplKind impl : o.impls) {
+                        const Problem p{suite.shapes[s], f, fu};
+                        const std::string family =
+                            fu == Fusion::none ? "bn" : std::string("bn_") + name(fu);
+                        Case c{s, f, fu, op, impl,
+                               family + "/" + name(impl) + "/" + name(op) + "/" + name(f) + "/" +
+                                   p.shape()};
+                        suite.cases.push_back(c);
+                        suite.results[c.bench_name];
+                    }
     for (const Case &c : suite.cases) {
-        const Problem p{suite.shapes[c.shape], c.format};
+        const Problem p{suite.shapes[c.shape], c.format, c.fusion};
         // Repetitions: the budget over a pessimistic estimate of one sample pair (10 GB/s, or
         // 1 ms for the small problems that take several calls per sample), odd, in [15, 101].
-        const double pair_s = std::max(1e-3, 2.0 * passes(c.op) * p.numel() * sizeof(float) / 10e9);
+        const double pair_s =
+            std::max(1e-3, 2.0 * passes(p, c.op) * p.numel() * sizeof(float) / 10e9);
         const int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
         suite.results[c.bench_name].planned_reps = reps;
         benchmark::RegisterBenchmark(c.bench_name.c_str(),

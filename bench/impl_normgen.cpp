@@ -1,4 +1,7 @@
 // normgen through its C API, as an ML compiler would call it: one plan per op, created once.
+// The fused forms are the same calls with params.activation / params.residual set: one kernel
+// computes relu(bn(x) [+ z]), and its backward dx, dweight, dbias (and dz) from x, dy (and z),
+// recomputing the ReLU mask from the saved statistics.
 #include <normgen/normgen.h>
 
 #include <cstring>
@@ -32,6 +35,8 @@ public:
             params.eps = kEps;
             params.momentum = kMomentum;
             params.training = op != Op::fwd_infer;
+            params.activation = p.relu() ? NG_ACT_RELU : NG_ACT_NONE;
+            params.residual = p.residual() ? 1 : 0;
             ng_plan *plan = nullptr;
             const ng_op ng = op == Op::bwd_train ? NG_OP_BACKWARD : NG_OP_FORWARD;
             if (ng_plan_create(rt_, ng, &t, &params, &plan) == NG_OK) {
@@ -57,20 +62,21 @@ public:
         switch (op) {
             case Op::fwd_train:
                 status = ng_batch_norm_forward(
-                    plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(), in_.bias.data(),
+                    plan, in_.x.data(), in_.z.data(), y_.data(), in_.weight.data(), in_.bias.data(),
                     running_mean_.data(), running_var_.data(), &num_batches_tracked_,
                     save_mean_.data(), save_invstd_.data());
                 break;
             case Op::fwd_infer:
                 status = ng_batch_norm_forward(
-                    plan, in_.x.data(), nullptr, y_.data(), in_.weight.data(), in_.bias.data(),
+                    plan, in_.x.data(), in_.z.data(), y_.data(), in_.weight.data(), in_.bias.data(),
                     running_mean_.data(), running_var_.data(), nullptr, nullptr, nullptr);
                 break;
             case Op::bwd_train:
+                // z and dz are nullptr without a residual (Inputs and Impl allocate none).
                 status = ng_batch_norm_backward(
-                    plan, in_.x.data(), in_.dy.data(), nullptr, in_.weight.data(), nullptr,
-                    running_mean_.data(), running_var_.data(), save_mean_.data(),
-                    save_invstd_.data(), dx_.data(), dweight_.data(), dbias_.data(), nullptr);
+                    plan, in_.x.data(), in_.dy.data(), in_.z.data(), in_.weight.data(),
+                    in_.bias.data(), running_mean_.data(), running_var_.data(), save_mean_.data(),
+                    save_invstd_.data(), dx_.data(), dweight_.data(), dbias_.data(), dz_.data());
                 break;
         }
         if (status != NG_OK)

@@ -17,6 +17,16 @@
 // What is left out is only the allocation of outputs. (The kernels may still allocate small
 // per-thread scratch, threads x C floats, inside; that is part of PyTorch's kernel.) The sanity
 // check compares this path with the public operators on every problem.
+//
+// Fused forms, as torchvision's ResNet runs them (nn.BatchNorm2d, `out += identity`,
+// nn.ReLU(inplace=True)) and autograd differentiates them:
+//   forward:  the BatchNorm above into y -> y.add_(z) -> y.relu_()   (in place: no allocation)
+//   backward: at::threshold_backward_out(g, dy, y_saved, 0)  (autograd's relu backward, on the
+//             forward's saved output) -> batch_norm_cpu_backward_stub on g; with the residual, g
+//             is also dz (the add's gradient is the identity; autograd hands the same tensor to
+//             both branches). threshold_backward_out writes into our g: no allocation.
+// y_saved is the forward's output kept aside once, untimed (autograd keeps relu's result alive
+// from the forward to the backward); with the cache cold it is flushed like every tensor.
 #include "bench_common.h"
 
 // libtorch was built with AVX2 and AVX-512 kernel variants; DispatchStub's declaration in the
@@ -92,19 +102,38 @@ public:
         dweight_t_ = wrap_c(p, dweight_.data());
         dbias_t_ = wrap_c(p, dbias_.data());
         empty_ = at::empty({0}, at::kFloat);  // batch_norm_cpu passes these in eval
+        if (p.residual()) z_t_ = wrap(p, in.z.data());
+        if (p.relu()) {
+            y_saved_ = Buffer(p.numel());
+            if (!p.residual()) g_ = Buffer(p.numel());
+            y_saved_t_ = wrap(p, y_saved_.data());
+            g_t_ = wrap(p, g());
+        }
     }
 
     std::string unavailable(Op) const override { return ""; }
     std::string kernel(Op op) const override {
+        const std::string tail = problem_.residual() ? " -> add_ -> relu_"
+                                 : problem_.relu()   ? " -> relu_"
+                                                     : "";
         switch (op) {
             case Op::fwd_train:
-                return "aten:collect_stats+batch_norm_cpu_stub";
+                return "aten:collect_stats+batch_norm_cpu_stub" + tail;
             case Op::fwd_infer:
-                return "aten:batch_norm_cpu_stub";
+                return "aten:batch_norm_cpu_stub" + tail;
             case Op::bwd_train:
-                return "aten:batch_norm_cpu_backward_stub";
+                return std::string(problem_.relu() ? "aten:threshold_backward_out -> " : "") +
+                       "aten:batch_norm_cpu_backward_stub";
         }
         return "";
+    }
+
+    std::vector<std::pair<const float *, int64_t>> internal_tensors(Op op) const override {
+        if (op != Op::bwd_train || !problem_.relu()) return {};
+        const int64_t n = problem_.numel();
+        std::vector<std::pair<const float *, int64_t>> out{{y_saved_.data(), n}};
+        if (!problem_.residual()) out.push_back({g_.data(), n});  // else g is dz, an output
+        return out;
     }
 
     void run(Op op) override {
@@ -129,17 +158,22 @@ public:
                 });
                 batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, save_mean_t_,
                                     save_invstd_t_, running_mean_t_, running_var_t_, true, kEps);
+                activation();
                 break;
             }
             case Op::fwd_infer:
                 batch_norm_cpu_stub(at::kCPU, y_t_, x_, weight_, bias_, empty_, empty_,
                                     running_mean_t_, running_var_t_, false, kEps);
+                activation();
                 break;
-            case Op::bwd_train:
-                batch_norm_cpu_backward_stub(at::kCPU, dx_t_, dweight_t_, dbias_t_, dy_, x_,
+            case Op::bwd_train: {
+                const at::Tensor &grad = problem_.relu() ? g_t_ : dy_;
+                if (problem_.relu()) at::threshold_backward_out(g_t_, dy_, y_saved_t_, 0);
+                batch_norm_cpu_backward_stub(at::kCPU, dx_t_, dweight_t_, dbias_t_, grad, x_,
                                              weight_, running_mean_t_, running_var_t_, save_mean_t_,
                                              save_invstd_t_, true, kEps);
                 break;
+            }
         }
     }
 
@@ -150,6 +184,11 @@ public:
     }
 
 protected:
+    void forward_train_done() override {
+        if (problem_.relu())
+            std::memcpy(y_saved_.data(), y_.data(), problem_.numel() * sizeof(float));
+    }
+
     void collect(Outputs &out) const override {
         auto vec = [&](const Buffer &b) {
             return std::vector<float>(b.data(), b.data() + problem_.c());
@@ -167,9 +206,16 @@ protected:
     }
 
 private:
+    void activation() {
+        if (problem_.residual()) y_t_.add_(z_t_);
+        if (problem_.relu()) y_t_.relu_();
+    }
+    float *g() { return problem_.residual() ? dz_.data() : g_.data(); }  // relu's gradient
+
     Buffer save_mean_, save_invstd_, var_sum_, running_mean_, running_var_, dweight_, dbias_;
+    Buffer y_saved_, g_;
     at::Tensor x_, dy_, y_t_, dx_t_, weight_, bias_, save_mean_t_, save_invstd_t_, var_sum_t_,
-        running_mean_t_, running_var_t_, dweight_t_, dbias_t_, empty_;
+        running_mean_t_, running_var_t_, dweight_t_, dbias_t_, empty_, z_t_, y_saved_t_, g_t_;
 };
 
 // Copies t (any strides) into a new Buffer laid out as p's format.
@@ -201,18 +247,28 @@ Outputs torch_oracle(const Problem &p, const Inputs &in, std::vector<Buffer> &st
     const at::Tensor w = wrap_c(p, in.weight.data()), b = wrap_c(p, in.bias.data());
     const at::Tensor rm0 = wrap_c(p, in.running_mean.data()),
                      rv0 = wrap_c(p, in.running_var.data());
+    auto activation = [&](at::Tensor y) {  // out-of-place: what autograd would record
+        if (p.residual()) y = at::add(y, wrap(p, in.z.data()));
+        return p.relu() ? at::relu(y) : y;
+    };
     o.y_infer = keep(
-        p, std::get<0>(at::native_batch_norm(x, w, b, rm0, rv0, false, kMomentum, kEps)), storage);
+        p,
+        activation(std::get<0>(at::native_batch_norm(x, w, b, rm0, rv0, false, kMomentum, kEps))),
+        storage);
     at::Tensor rm = rm0.clone(), rv = rv0.clone();
     const auto train = at::native_batch_norm(x, w, b, rm, rv, true, kMomentum, kEps);
-    o.y_train = keep(p, std::get<0>(train), storage);
+    const at::Tensor y_train = activation(std::get<0>(train));
+    o.y_train = keep(p, y_train, storage);
     o.save_mean = vec(std::get<1>(train));
     o.save_invstd = vec(std::get<2>(train));
     o.running_mean = vec(rm);
     o.running_var = vec(rv);
+    // relu's backward as autograd runs it (on relu's result); the add passes g to both inputs.
+    const at::Tensor g = p.relu() ? at::threshold_backward(dy, y_train, 0) : dy;
     const auto grads = at::native_batch_norm_backward(
-        dy, x, w, rm, rv, std::get<1>(train), std::get<2>(train), true, kEps, {true, true, true});
+        g, x, w, rm, rv, std::get<1>(train), std::get<2>(train), true, kEps, {true, true, true});
     o.dx = keep(p, std::get<0>(grads), storage);
+    if (p.residual()) o.dz = keep(p, g, storage);
     o.dweight = vec(std::get<1>(grads));
     o.dbias = vec(std::get<2>(grads));
     return o;
