@@ -1,19 +1,23 @@
-// BatchNorm fp32 on CPU: normgen vs oneDNN vs libtorch, with bandwidth references, in one run.
+// BatchNorm fp32 on CPU: normgen vs oneDNN vs libtorch, with bandwidth references, in one run;
+// plain and fused (BN+ReLU, BN+add+ReLU).
 //
 //   cmake -S . -B build-bench -DNORMGEN_BUILD_BENCH=ON && cmake --build build-bench -j2
 //   build-bench/bin/bench_batch_norm --csv=out.csv --markdown=out.md     (or: scripts/bench)
 //   flags: --shapes=FILE (benchdnn-style, one PyTorch shape per line, e.g. 32x64x56x56)
 //          --impl=normgen,onednn,torch  --op=fwd_train,fwd_infer,bwd_train  --format=contig,cl
+//          --fusion=none,relu,addrelu (default all three)
 //          --cache=auto|cold|warm (default auto)  --reps=N (repetitions; default by size)
 //          --threads=N (default 2)  --budget=SECONDS (per benchmark, default 0.6)
 //          --note=TEXT (added to the markdown's header line)
 //          and any --benchmark_* flag of Google Benchmark (e.g. --benchmark_filter=REGEX).
 //
-// Design. One Google Benchmark per (shape, format, op, impl), named
-// bn/<impl>/<op>/<format>/<shape>, manual time, Iterations(1) and R repetitions. Each repetition
-// (one "iteration") times the bandwidth reference and then the kernel, back to back on the same
-// buffers (the reference writes the implementation's own y or dx): copy y = x for forward, dx = x +
-// dy for backward. It reports the kernel time as the iteration time and, as counters, the reference
+// Design. One Google Benchmark per (shape, format, fusion, op, impl), named
+// bn/<impl>/<op>/<format>/<shape> (fused: bn_relu/..., bn_addrelu/...), manual time, Iterations(1)
+// and R repetitions. Each repetition (one "iteration") times the bandwidth reference and then the
+// kernel, back to back on the same buffers (the reference writes the implementation's own y or dx,
+// and dz): copy y = x for forward, dx = x + dy for backward; with the residual, y = x + z (3
+// passes) and dx = x + dy, dz = dy + z (read three, write two: 5 passes), the minimum bytes of
+// the fused kernels. It reports the kernel time as the iteration time and, as counters, the reference
 // time and the ratio t_ref / t_kernel. Google Benchmark's median aggregate then gives the median
 // kernel time, the median reference time and the median of per-repetition ratios (the "fraction of
 // reference", stable while this machine's bandwidth drifts, by 3x within seconds at worst); a "min"
@@ -31,6 +35,11 @@
 // Other processes. A pair during which any of our threads was involuntarily switched out
 // (getrusage) is timed again, up to 5 times; the CSV counts retries and pairs still disturbed.
 //
+// Fused forms (see impl_*.cpp): normgen's one kernel against the sequences a framework runs:
+// oneDNN BN with fuse_norm_relu, or BN -> binary add -> eltwise relu; libtorch bn -> add_ ->
+// relu_, backward threshold_backward -> BN backward. The peers' intermediates (saved y, ReLU
+// gradient, workspace) are flushed too when cold.
+//
 // Every buffer of every implementation is allocated, huge-page advised and touched before
 // timing; the timed calls allocate nothing (libtorch: see impl_torch.cpp; oneDNN: user
 // scratchpad). All three run on the same OpenMP pool with the same thread count. Before timing,
@@ -38,7 +47,8 @@
 // implementation are checked against libtorch's public operators; a mismatch is reported as a
 // failed check and that case is not timed, so nothing fast and wrong is published.
 //
-// GB/s counts the minimum traffic: forward 2 passes over the tensor, backward 3.
+// GB/s counts the minimum traffic: forward 2 passes over the tensor, backward 3; with the
+// residual 3 and 5. The markdown opens with the goals of issue 3 when the run covers them.
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 #include <unistd.h>
