@@ -7,6 +7,7 @@
 //          --impl=normgen,onednn,torch  --op=fwd_train,fwd_infer,bwd_train  --format=contig,cl
 //          --fusion=none,relu,addrelu (default all three)
 //          --cache=auto|cold|warm (default auto)  --reps=N (repetitions; default by size)
+//          --min-reps=N (the least repetitions by size; default 15, odd)
 //          --threads=N (default 2)  --budget=SECONDS (per benchmark, default 0.6)
 //          --note=TEXT (added to the markdown's header line)
 //          and any --benchmark_* flag of Google Benchmark (e.g. --benchmark_filter=REGEX).
@@ -86,6 +87,7 @@ struct Options {
     std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
     std::vector<Fusion> fusions{std::begin(kFusions), std::end(kFusions)};
     int reps = 0;  // 0: by problem size
+    int min_reps = 15;  // the least repetitions a problem gets when reps is by size
     int threads = 2;
     std::string note;  // --note=TEXT: a line for the markdown (scripts/bench: the git commit)
     enum class Cache { automatic, cold, warm } cache = Cache::automatic;  // --cache=
@@ -163,6 +165,8 @@ Options parse_options(int *argc, char **argv) {
                                             {"bn_add_relu", Fusion::addrelu}});
         else if (const char *v = value("--reps"))
             o.reps = std::max(1, std::atoi(v));
+        else if (const char *v = value("--min-reps"))
+            o.min_reps = std::max(1, std::atoi(v)) | 1;
         else if (const char *v = value("--threads"))
             o.threads = std::max(1, std::atoi(v));
         else if (const char *v = value("--budget"))
@@ -935,10 +939,12 @@ int main(int argc, char **argv) {
     for (const Case &c : suite.cases) {
         const Problem p{suite.shapes[c.shape], c.format, c.fusion};
         // Repetitions: the budget over a pessimistic estimate of one sample pair (10 GB/s, or
-        // 1 ms for the small problems that take several calls per sample), odd, in [15, 101].
+        // 1 ms for the small problems that take several calls per sample), odd, in
+        // [min_reps, 101] (min_reps 15 unless --min-reps says otherwise).
         const double pair_s =
             std::max(1e-3, 2.0 * passes(p, c.op) * p.numel() * sizeof(float) / 10e9);
-        const int reps = o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, 15, 101);
+        const int reps =
+            o.reps ? o.reps : std::clamp(int(o.budget_s / pair_s) | 1, o.min_reps, 101);
         suite.results[c.bench_name].planned_reps = reps;
         benchmark::RegisterBenchmark(c.bench_name.c_str(),
                                      [&suite, &c](benchmark::State &st) { run_case(st, suite, c); })

@@ -9,13 +9,17 @@
 //   backward: eltwise_backward relu (dy, y_saved -> g) -> batch_normalization_backward (g -> dx)
 //             with g = dz: the add's gradient is the identity.
 // y_saved is the forward's output kept aside once, untimed (a framework keeps it for the
-// backward). (binary add with a ReLU post-op would save one pass; not measured here.)
+// backward). NORMGEN_BENCH_ONEDNN_POSTOP=1 runs the add with a ReLU post-op instead of the
+// separate eltwise (one primitive and one pass fewer): not in the published runs, which time the
+// sequence above, but there to see what a framework's binary fusion would gain.
 //
 // oneDNN is stateless: forward training writes the batch mean and (biased) variance but does not
 // update running statistics (a framework does that, O(C) work); backward takes the variance,
 // not 1/sqrt(var + eps), so it consumes its own forward's outputs.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <list>
 #include <map>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -106,10 +110,28 @@ public:
                 attr, eng_);
             const Args add_args = {
                 {DNNL_ARG_SRC_0, y}, {DNNL_ARG_SRC_1, mem(data_md, in.z.data())}, {DNNL_ARG_DST, y}};
-            for (Op op : {Op::fwd_train, Op::fwd_infer}) {
-                add(op, binary(add_pd), add_pd, add_args);
-                const auto &relu_pd = op == Op::fwd_train ? relu_train_pd : relu_infer_pd;
-                add(op, eltwise(relu_pd), relu_pd, {{DNNL_ARG_SRC, y}, {DNNL_ARG_DST, y}});
+            // NORMGEN_BENCH_ONEDNN_POSTOP=1: the add with a ReLU post-op instead (one primitive,
+            // one pass fewer), to see how much a framework's binary fusion would gain.
+            const char *postop = std::getenv("NORMGEN_BENCH_ONEDNN_POSTOP");
+            if (postop && std::string(postop) == "1") {
+                dnnl::post_ops relu;
+                relu.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+                dnnl::primitive_attr add_attr;  // not a copy of attr: handles share the object
+                add_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+                add_attr.set_post_ops(relu);
+                const binary::primitive_desc add_relu_pd(
+                    binary::desc(dnnl::algorithm::binary_add, data_md, data_md, data_md), add_attr,
+                    eng_);
+                for (Op op : {Op::fwd_train, Op::fwd_infer}) {
+                    add(op, binary(add_relu_pd), add_relu_pd, add_args);
+                    kernel_[int(op)] += "(+relu post-op)";
+                }
+            } else {
+                for (Op op : {Op::fwd_train, Op::fwd_infer}) {
+                    add(op, binary(add_pd), add_pd, add_args);
+                    const auto &relu_pd = op == Op::fwd_train ? relu_train_pd : relu_infer_pd;
+                    add(op, eltwise(relu_pd), relu_pd, {{DNNL_ARG_SRC, y}, {DNNL_ARG_DST, y}});
+                }
             }
             // Backward: g = dy where y > 0 (into dz), then BatchNorm's backward of g.
             y_saved_ = Buffer(p.numel());
