@@ -18,11 +18,11 @@
 // kernel, back to back on the same buffers (the reference writes the implementation's own y or dx,
 // and dz): copy y = x for forward, dx = x + dy for backward; with the residual, y = x + z (3
 // passes) and dx = x + dy, dz = dy + z (read three, write two: 5 passes), the minimum bytes of
-// the fused kernels. It reports the kernel time as the iteration time and, as counters, the reference
-// time and the ratio t_ref / t_kernel. Google Benchmark's median aggregate then gives the median
-// kernel time, the median reference time and the median of per-repetition ratios (the "fraction of
-// reference", stable while this machine's bandwidth drifts, by 3x within seconds at worst); a "min"
-// statistic gives the best kernel time.
+// the fused kernels. It reports the kernel time as the iteration time and, as counters, the
+// reference time and the ratio t_ref / t_kernel. Google Benchmark's median aggregate then gives the
+// median kernel time, the median reference time and the median of per-repetition ratios (the
+// "fraction of reference", stable while this machine's bandwidth drifts, by 3x within seconds at
+// worst); a "min" statistic gives the best kernel time.
 //
 // Cache state. Every timed call (reference or kernel) starts with the tensors it touches
 // flushed from all caches (clflushopt, outside the timed region): the DRAM-pass model of
@@ -86,7 +86,7 @@ struct Options {
     std::vector<Op> ops{std::begin(kOps), std::end(kOps)};
     std::vector<Format> formats{std::begin(kFormats), std::end(kFormats)};
     std::vector<Fusion> fusions{std::begin(kFusions), std::end(kFusions)};
-    int reps = 0;  // 0: by problem size
+    int reps = 0;       // 0: by problem size
     int min_reps = 15;  // the least repetitions a problem gets when reps is by size
     int threads = 2;
     std::string note;  // --note=TEXT: a line for the markdown (scripts/bench: the git commit)
@@ -560,7 +560,8 @@ std::string machine_line(int threads) {
 
 // "fwd_train" plain, "fwd_train + relu", "bwd_train + addrelu": the heading of a fused table.
 std::string title(Fusion fusion, Op op) {
-    return std::string(name(op)) + (fusion == Fusion::none ? "" : std::string(" + ") + name(fusion));
+    return std::string(name(op)) +
+           (fusion == Fusion::none ? "" : std::string(" + ") + name(fusion));
 }
 
 class Markdown {
@@ -608,7 +609,8 @@ private:
         return out;
     }
     // Shapes every implementation in impls timed for (format, fusion, op).
-    std::vector<size_t> common(Format f, Fusion fu, Op op, const std::vector<ImplKind> &impls) const {
+    std::vector<size_t> common(Format f, Fusion fu, Op op,
+                               const std::vector<ImplKind> &impls) const {
         std::vector<size_t> out;
         for (size_t s = 0; s < suite_.shapes.size(); s++) {
             bool all = true;
@@ -694,10 +696,11 @@ private:
                    "(time) | per-shape best peer / normgen | goal 1.5x |\n"
                 << "|---|---:|---:|---|---:|---:|---:|---|\n";
             for (Format f : o_.formats) {
-                std::vector<ImplKind> all = o_.impls;
-                const std::vector<size_t> shapes = common(f, Fusion::addrelu, Op::fwd_train, all);
+                const std::vector<size_t> shapes =
+                    common(f, Fusion::addrelu, Op::fwd_train, o_.impls);
                 if (shapes.empty()) continue;
-                const Geo ng = geomean(shapes, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen);
+                const Geo ng =
+                    geomean(shapes, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen);
                 ImplKind best = peers().front();
                 Geo best_g = geomean(shapes, f, Fusion::addrelu, Op::fwd_train, best);
                 for (ImplKind k : peers())
@@ -712,14 +715,14 @@ private:
                         fastest = std::min(fastest,
                                            get(s, f, Fusion::addrelu, Op::fwd_train, k)->median_ms);
                     per_shape += std::log(
-                        fastest / get(s, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen)
-                                      ->median_ms);
+                        fastest /
+                        get(s, f, Fusion::addrelu, Op::fwd_train, ImplKind::normgen)->median_ms);
                 }
                 per_shape = std::exp(per_shape / shapes.size());
                 const double ratio = best_g.ms / ng.ms;
                 out << "| " << name(f) << " | " << shapes.size() << " | " << fmt(ng.ms) << " | "
-                    << name(best) << " | " << fmt(best_g.ms) << " | **" << fmt(ratio, 2)
-                    << "x** | " << fmt(per_shape, 2) << "x | "
+                    << name(best) << " | " << fmt(best_g.ms) << " | **" << fmt(ratio, 2) << "x** | "
+                    << fmt(per_shape, 2) << "x | "
                     << (f == Format::contig ? (ratio >= 1.5 ? "met" : "NOT met") : "(contig only)")
                     << " |\n";
             }
@@ -740,11 +743,11 @@ private:
                 const Problem p{suite_.shapes[s], Format::contig, Fusion::none};
                 const int64_t slice = p.n() * p.s() * int64_t(sizeof(float));
                 const bool fits = slice <= l2;
-                const Result *r = get(s, Format::contig, Fusion::none, Op::fwd_train,
-                                      ImplKind::normgen);
+                const Result *r =
+                    get(s, Format::contig, Fusion::none, Op::fwd_train, ImplKind::normgen);
                 const bool warm = r && r->timed && !r->cold;
-                out << "| " << p.shape() << (warm ? "*" : "") << " | "
-                    << fmt(slice / 1024.0, 1) << " | " << (fits ? "yes" : "no") << " | ";
+                out << "| " << p.shape() << (warm ? "*" : "") << " | " << fmt(slice / 1024.0, 1)
+                    << " | " << (fits ? "yes" : "no") << " | ";
                 if (r && r->timed) {
                     out << fmt(r->frac, 2) << (4 * r->disturbed > r->reps ? "!" : "") << " | "
                         << fmt(gbps(p, Op::fwd_train, r->median_ms), 1) << " | "
@@ -830,9 +833,8 @@ private:
             std::sort(refs.begin(), refs.end());
             const bool warm = o_.cache == Options::Cache::automatic && !timed_cold(o_, p, op);
             const Result *ng = get(s, f, fu, op, ImplKind::normgen);
-            out << "| " << p.shape() << (warm ? "*" : "") << " | "
-                << fmt(p.numel() * 4.0 / 1e6, 1) << " | "
-                << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
+            out << "| " << p.shape() << (warm ? "*" : "") << " | " << fmt(p.numel() * 4.0 / 1e6, 1)
+                << " | " << (refs.empty() ? "" : fmt(refs[refs.size() / 2], 1)) << " |";
             if (has(ImplKind::normgen))
                 out << ' ' << (ng && ng->timed ? fmt(gbps(p, op, ng->median_ms), 1) : "") << " |";
             double best_peer = NAN;
@@ -843,8 +845,7 @@ private:
                         << (4 * r->disturbed > r->reps ? "!" : "") << " |";
                     if (k != ImplKind::normgen && !(r->frac <= best_peer)) best_peer = r->frac;
                 } else {
-                    out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a")
-                        << " | |";
+                    out << ' ' << (r && r->check.rfind("FAIL", 0) == 0 ? "FAIL" : "n/a") << " | |";
                 }
             }
             if (compare)
@@ -856,7 +857,8 @@ private:
             for (ImplKind k : peers()) {
                 std::vector<std::string> paths;
                 for (size_t s = 0; s < suite_.shapes.size(); s++)
-                    if (const Result *r = get(s, f, fu, op, k); r && !r->kernel.empty() &&
+                    if (const Result *r = get(s, f, fu, op, k);
+                        r && !r->kernel.empty() &&
                         std::find(paths.begin(), paths.end(), r->kernel) == paths.end())
                         paths.push_back(r->kernel);
                 if (paths.empty()) continue;
@@ -886,8 +888,8 @@ private:
         out << "## Measurement\n\n"
             << pairs << " timed (reference, kernel) pairs in " << timed << " benchmarks; "
             << retries << " retimed because a thread of the benchmark was preempted by another "
-            << "process, " << disturbed << " still preempted after " << kMaxRetries
-            << " retries. " << noisy
+            << "process, " << disturbed << " still preempted after " << kMaxRetries << " retries. "
+            << noisy
             << " benchmarks had more than a quarter of their repetitions preempted: their `frac` "
                "is marked `!` and is less reliable (the CSV has the counts).\n\n";
     }
@@ -930,9 +932,13 @@ int main(int argc, char **argv) {
                         const Problem p{suite.shapes[s], f, fu};
                         const std::string family =
                             fu == Fusion::none ? "bn" : std::string("bn_") + name(fu);
-                        Case c{s, f, fu, op, impl,
-                               family + "/" + name(impl) + "/" + name(op) + "/" + name(f) + "/" +
-                                   p.shape()};
+                        Case c{
+                            s,
+                            f,
+                            fu,
+                            op,
+                            impl,
+                            family + "/" + name(impl) + "/" + name(op) + "/" + name(f) + "/" + p.shape()};
                         suite.cases.push_back(c);
                         suite.results[c.bench_name];
                     }

@@ -54,8 +54,8 @@ inline int passes(const Problem &p, Op op) {
     return op == Op::bwd_train ? (p.residual() ? 5 : 3) : (p.residual() ? 3 : 2);
 }
 
-// 2 MiB-aligned float buffer (none for count 0) with transparent huge pages requested and every page touched, so
-// no implementation pays page faults or TLB misses the others do not.
+// 2 MiB-aligned float buffer (none for count 0) with transparent huge pages requested and every
+// page touched, so no implementation pays page faults or TLB misses the others do not.
 class Buffer {
 public:
     Buffer() = default;
@@ -119,9 +119,7 @@ public:
     // Tensor-sized buffers run(op) reads or writes besides x, dy, z and its outputs (a saved
     // forward output, an intermediate gradient, a workspace), as (pointer, floats): flushed with
     // the others before a cold call.
-    virtual std::vector<std::pair<const float *, int64_t>> internal_tensors(Op) const {
-        return {};
-    }
+    virtual std::vector<std::pair<const float *, int64_t>> internal_tensors(Op) const { return {}; }
     // Runs fwd_infer, fwd_train and bwd_train once each from fresh running stats and returns
     // what they produced (y_infer is copied aside since fwd_train overwrites y) or threw.
     Outputs run_for_check();

@@ -19,10 +19,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <list>
 #include <map>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <string>
 
 #include "bench_common.h"
 
@@ -79,13 +79,12 @@ public:
         const memory scale = mem(c_md, in.weight.data()), shift = mem(c_md, in.bias.data());
         const memory mean = mem(c_md, mean_.data()), var = mem(c_md, variance_.data());
         // fuse_norm_relu: the training forward writes the workspace the backward reads.
-        const memory workspace = train_pd.workspace_desc().get_size() > 0
-                                     ? buffer(train_pd.workspace_desc())
-                                     : memory();
+        const memory workspace =
+            train_pd.workspace_desc().get_size() > 0 ? buffer(train_pd.workspace_desc()) : memory();
         if (workspace) workspace_ = {buffers_.back().data(), int64_t(buffers_.back().size())};
-        Args train_args = {{DNNL_ARG_SRC, x},           {DNNL_ARG_DST, y},
-                           {DNNL_ARG_SCALE, scale},     {DNNL_ARG_SHIFT, shift},
-                           {DNNL_ARG_MEAN, mean},       {DNNL_ARG_VARIANCE, var}};
+        Args train_args = {{DNNL_ARG_SRC, x},       {DNNL_ARG_DST, y},
+                           {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
+                           {DNNL_ARG_MEAN, mean},   {DNNL_ARG_VARIANCE, var}};
         if (workspace) train_args.emplace(DNNL_ARG_WORKSPACE, workspace);
         add(Op::fwd_train, fwd(train_pd), train_pd, train_args);
         add(Op::fwd_infer, fwd(infer_pd), infer_pd,
@@ -108,8 +107,9 @@ public:
                 eltwise::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::eltwise_relu,
                               data_md, 0.f, 0.f),
                 attr, eng_);
-            const Args add_args = {
-                {DNNL_ARG_SRC_0, y}, {DNNL_ARG_SRC_1, mem(data_md, in.z.data())}, {DNNL_ARG_DST, y}};
+            const Args add_args = {{DNNL_ARG_SRC_0, y},
+                                   {DNNL_ARG_SRC_1, mem(data_md, in.z.data())},
+                                   {DNNL_ARG_DST, y}};
             // NORMGEN_BENCH_ONEDNN_POSTOP=1: the add with a ReLU post-op instead (one primitive,
             // one pass fewer), to see how much a framework's binary fusion would gain.
             const char *postop = std::getenv("NORMGEN_BENCH_ONEDNN_POSTOP");
@@ -136,8 +136,8 @@ public:
             // Backward: g = dy where y > 0 (into dz), then BatchNorm's backward of g.
             y_saved_ = Buffer(p.numel());
             const eltwise_bwd_pd relu_bwd_pd(
-                dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_relu_use_dst_for_bwd,
-                                             data_md, data_md, 0.f, 0.f),
+                dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_relu_use_dst_for_bwd, data_md,
+                                             data_md, 0.f, 0.f),
                 attr, eng_, relu_train_pd);
             const memory g = mem(data_md, dz_.data());
             add(Op::bwd_train, dnnl::eltwise_backward(relu_bwd_pd), relu_bwd_pd,
@@ -220,8 +220,8 @@ private:
     }
 
     void add_bwd(const dnnl::batch_normalization_backward::primitive_desc &pd, const memory &x,
-                 const memory &diff_dst, const memory &mean, const memory &var,
-                 const memory &scale, const memory &shift, const memory &workspace) {
+                 const memory &diff_dst, const memory &mean, const memory &var, const memory &scale,
+                 const memory &shift, const memory &workspace) {
         const memory::desc &data_md = x.get_desc();
         const memory::desc c_md = mean.get_desc();
         Args args = {{DNNL_ARG_SRC, x},
