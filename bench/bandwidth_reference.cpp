@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace bench {
 
@@ -57,6 +58,28 @@ void read3_write2_reference(const float *__restrict x, const float *__restrict d
         for (int64_t i = b; i < e; i++) {
             dx[i] = x[i] + dy[i];
             dz[i] = dy[i] + z[i];
+        }
+    }
+}
+
+void blocked_forward_loop(const float *__restrict x, float *__restrict y, int64_t n, int64_t c,
+                          int64_t s) {
+    const float inv_m = 1.0f / float(n * s);
+#pragma omp parallel for schedule(static)
+    for (int64_t ch = 0; ch < c; ch++) {
+        float sum = 0.0f, sq = 0.0f;
+        for (int64_t k = 0; k < n; k++) {
+            const float *row = x + (k * c + ch) * s;
+#pragma omp simd reduction(+ : sum, sq)
+            for (int64_t i = 0; i < s; i++) sum += row[i], sq += row[i] * row[i];
+        }
+        const float mean = sum * inv_m;
+        const float invstd = 1.0f / std::sqrt(std::max(0.0f, sq * inv_m - mean * mean) + 1e-5f);
+        for (int64_t k = 0; k < n; k++) {
+            const float *row = x + (k * c + ch) * s;
+            float *out = y + (k * c + ch) * s;
+#pragma omp simd
+            for (int64_t i = 0; i < s; i++) out[i] = (row[i] - mean) * invstd;
         }
     }
 }

@@ -16,6 +16,13 @@ void read2_write1_reference(const float *x, const float *dy, float *dx, int64_t 
 void read3_write2_reference(const float *x, const float *dy, const float *z, float *dx, float *dz,
                             int64_t n);
 
+// The plain-loop form of the cache-blocked forward training (contiguous (N, C, S) only): per
+// channel, one pass summing x and x*x over its slice, then y = (x - mean) * invstd over the same
+// slice, re-read from L2 while it is still there. Not a bound but a yardstick: what the 2-pass
+// structure reaches on this machine in a plain OpenMP loop (channels split statically over the
+// threads), beside the copy's 2-pass bound. Numerically naive (sum of squares); timing only.
+void blocked_forward_loop(const float *x, float *y, int64_t n, int64_t c, int64_t s);
+
 // Writes back and evicts [p, p + n) from every cache level (clflushopt, both threads).
 void flush_from_cache(const float *p, int64_t n);
 
