@@ -183,6 +183,20 @@ void Inputs::keep_pre_activations_off_zero(const Problem &p) {
 
 // ---- implementations: shared part ---------------------------------------------------------
 
+void ChannelBuffers::collect(Outputs &out, int64_t c) const {
+    auto vec = [&](const Buffer &b) { return std::vector<float>(b.data(), b.data() + c); };
+    if (out.y_train) {
+        out.save_mean = vec(save_mean);
+        out.save_invstd = vec(save_invstd);
+        out.running_mean = vec(running_mean);
+        out.running_var = vec(running_var);
+    }
+    if (out.dx) {
+        out.dweight = vec(dweight);
+        out.dbias = vec(dbias);
+    }
+}
+
 Impl::Impl(const Problem &p, const Inputs &in)
     : problem_(p), in_(in), y_(p.numel()), dx_(p.numel()), dz_(p.residual() ? p.numel() : 0) {}
 

@@ -100,6 +100,15 @@ struct Outputs {
     std::string error[3];  // per Op: what run() threw
 };
 
+// The per-channel results normgen and libtorch write in PyTorch's terms (oneDNN's differ: it
+// keeps the variance and names the gradients scale/shift), and how they are reported.
+struct ChannelBuffers {
+    explicit ChannelBuffers(int64_t c)
+        : save_mean(c), save_invstd(c), running_mean(c), running_var(c), dweight(c), dbias(c) {}
+    Buffer save_mean, save_invstd, running_mean, running_var, dweight, dbias;
+    void collect(Outputs &out, int64_t c) const;
+};
+
 // One implementation bound to one problem. Every buffer it writes is allocated by the
 // constructor; run() only calls the library. The bandwidth reference writes into output(op) (and
 // residual_grad() for the backward with a residual), so the reference and the kernel move the

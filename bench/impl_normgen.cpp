@@ -14,14 +14,7 @@ namespace {
 
 class NormgenImpl final : public Impl {
 public:
-    NormgenImpl(const Problem &p, const Inputs &in)
-        : Impl(p, in),
-          save_mean_(p.c()),
-          save_invstd_(p.c()),
-          running_mean_(p.c()),
-          running_var_(p.c()),
-          dweight_(p.c()),
-          dbias_(p.c()) {
+    NormgenImpl(const Problem &p, const Inputs &in) : Impl(p, in), ch_(p.c()) {
         if (ng_runtime_open(nullptr, &rt_) != NG_OK)
             throw std::runtime_error(std::string("ng_runtime_open: ") + ng_last_error());
         ng_tensor t{static_cast<int32_t>(p.dims.size()),
@@ -63,20 +56,21 @@ public:
             case Op::fwd_train:
                 status = ng_batch_norm_forward(
                     plan, in_.x.data(), in_.z.data(), y_.data(), in_.weight.data(), in_.bias.data(),
-                    running_mean_.data(), running_var_.data(), &num_batches_tracked_,
-                    save_mean_.data(), save_invstd_.data());
+                    ch_.running_mean.data(), ch_.running_var.data(), &num_batches_tracked_,
+                    ch_.save_mean.data(), ch_.save_invstd.data());
                 break;
             case Op::fwd_infer:
                 status = ng_batch_norm_forward(
                     plan, in_.x.data(), in_.z.data(), y_.data(), in_.weight.data(), in_.bias.data(),
-                    running_mean_.data(), running_var_.data(), nullptr, nullptr, nullptr);
+                    ch_.running_mean.data(), ch_.running_var.data(), nullptr, nullptr, nullptr);
                 break;
             case Op::bwd_train:
                 // z and dz are nullptr without a residual (Inputs and Impl allocate none).
                 status = ng_batch_norm_backward(
                     plan, in_.x.data(), in_.dy.data(), in_.z.data(), in_.weight.data(),
-                    in_.bias.data(), running_mean_.data(), running_var_.data(), save_mean_.data(),
-                    save_invstd_.data(), dx_.data(), dweight_.data(), dbias_.data(), dz_.data());
+                    in_.bias.data(), ch_.running_mean.data(), ch_.running_var.data(),
+                    ch_.save_mean.data(), ch_.save_invstd.data(), dx_.data(), ch_.dweight.data(),
+                    ch_.dbias.data(), dz_.data());
                 break;
         }
         if (status != NG_OK)
@@ -85,33 +79,19 @@ public:
 
     void reset_running_stats() override {
         const size_t bytes = problem_.c() * sizeof(float);
-        std::memcpy(running_mean_.data(), in_.running_mean.data(), bytes);
-        std::memcpy(running_var_.data(), in_.running_var.data(), bytes);
+        std::memcpy(ch_.running_mean.data(), in_.running_mean.data(), bytes);
+        std::memcpy(ch_.running_var.data(), in_.running_var.data(), bytes);
         num_batches_tracked_ = 0;
     }
 
 protected:
-    void collect(Outputs &out) const override {
-        auto vec = [&](const Buffer &b) {
-            return std::vector<float>(b.data(), b.data() + problem_.c());
-        };
-        if (out.y_train) {
-            out.save_mean = vec(save_mean_);
-            out.save_invstd = vec(save_invstd_);
-            out.running_mean = vec(running_mean_);
-            out.running_var = vec(running_var_);
-        }
-        if (out.dx) {
-            out.dweight = vec(dweight_);
-            out.dbias = vec(dbias_);
-        }
-    }
+    void collect(Outputs &out) const override { ch_.collect(out, problem_.c()); }
 
 private:
     ng_runtime *rt_ = nullptr;
     ng_plan *plans_[3] = {nullptr, nullptr, nullptr};
     std::string kernel_[3], why_[3];
-    Buffer save_mean_, save_invstd_, running_mean_, running_var_, dweight_, dbias_;
+    ChannelBuffers ch_;
     int64_t num_batches_tracked_ = 0;
 };
 

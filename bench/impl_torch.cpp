@@ -79,28 +79,20 @@ at::Tensor wrap_c(const Problem &p, const float *data) {
 
 class TorchImpl final : public Impl {
 public:
-    TorchImpl(const Problem &p, const Inputs &in)
-        : Impl(p, in),
-          save_mean_(p.c()),
-          save_invstd_(p.c()),
-          var_sum_(p.c()),
-          running_mean_(p.c()),
-          running_var_(p.c()),
-          dweight_(p.c()),
-          dbias_(p.c()) {
+    TorchImpl(const Problem &p, const Inputs &in) : Impl(p, in), ch_(p.c()), var_sum_(p.c()) {
         x_ = wrap(p, in.x.data());
         dy_ = wrap(p, in.dy.data());
         y_t_ = wrap(p, y_.data());
         dx_t_ = wrap(p, dx_.data());
         weight_ = wrap_c(p, in.weight.data());
         bias_ = wrap_c(p, in.bias.data());
-        save_mean_t_ = wrap_c(p, save_mean_.data());
-        save_invstd_t_ = wrap_c(p, save_invstd_.data());
+        save_mean_t_ = wrap_c(p, ch_.save_mean.data());
+        save_invstd_t_ = wrap_c(p, ch_.save_invstd.data());
         var_sum_t_ = wrap_c(p, var_sum_.data());
-        running_mean_t_ = wrap_c(p, running_mean_.data());
-        running_var_t_ = wrap_c(p, running_var_.data());
-        dweight_t_ = wrap_c(p, dweight_.data());
-        dbias_t_ = wrap_c(p, dbias_.data());
+        running_mean_t_ = wrap_c(p, ch_.running_mean.data());
+        running_var_t_ = wrap_c(p, ch_.running_var.data());
+        dweight_t_ = wrap_c(p, ch_.dweight.data());
+        dbias_t_ = wrap_c(p, ch_.dbias.data());
         empty_ = at::empty({0}, at::kFloat);  // batch_norm_cpu passes these in eval
         if (p.residual()) z_t_ = wrap(p, in.z.data());
         if (p.relu()) {
@@ -142,9 +134,9 @@ public:
             case Op::fwd_train: {
                 batch_norm_cpu_collect_stats_stub(at::kCPU, save_mean_t_, var_sum_t_, x_);
                 const int64_t C = problem_.c(), M = problem_.numel() / C;
-                float *mean = save_mean_.data(), *var_sum = var_sum_.data(),
-                      *invstd = save_invstd_.data();
-                float *rm = running_mean_.data(), *rv = running_var_.data();
+                float *mean = ch_.save_mean.data(), *var_sum = var_sum_.data(),
+                      *invstd = ch_.save_invstd.data();
+                float *rm = ch_.running_mean.data(), *rv = ch_.running_var.data();
                 // As batch_norm_cpu_update_stats_template: float sums, double (acc_type) transform.
                 at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
                     for (int64_t c = begin; c < end; c++) {
@@ -179,8 +171,8 @@ public:
 
     void reset_running_stats() override {
         const size_t bytes = problem_.c() * sizeof(float);
-        std::memcpy(running_mean_.data(), in_.running_mean.data(), bytes);
-        std::memcpy(running_var_.data(), in_.running_var.data(), bytes);
+        std::memcpy(ch_.running_mean.data(), in_.running_mean.data(), bytes);
+        std::memcpy(ch_.running_var.data(), in_.running_var.data(), bytes);
     }
 
 protected:
@@ -189,21 +181,7 @@ protected:
             std::memcpy(y_saved_.data(), y_.data(), problem_.numel() * sizeof(float));
     }
 
-    void collect(Outputs &out) const override {
-        auto vec = [&](const Buffer &b) {
-            return std::vector<float>(b.data(), b.data() + problem_.c());
-        };
-        if (out.y_train) {
-            out.save_mean = vec(save_mean_);
-            out.save_invstd = vec(save_invstd_);
-            out.running_mean = vec(running_mean_);
-            out.running_var = vec(running_var_);
-        }
-        if (out.dx) {
-            out.dweight = vec(dweight_);
-            out.dbias = vec(dbias_);
-        }
-    }
+    void collect(Outputs &out) const override { ch_.collect(out, problem_.c()); }
 
 private:
     void activation() {
@@ -212,7 +190,8 @@ private:
     }
     float *g() { return problem_.residual() ? dz_.data() : g_.data(); }  // relu's gradient
 
-    Buffer save_mean_, save_invstd_, var_sum_, running_mean_, running_var_, dweight_, dbias_;
+    ChannelBuffers ch_;
+    Buffer var_sum_;
     Buffer y_saved_, g_;
     at::Tensor x_, dy_, y_t_, dx_t_, weight_, bias_, save_mean_t_, save_invstd_t_, var_sum_t_,
         running_mean_t_, running_var_t_, dweight_t_, dbias_t_, empty_, z_t_, y_saved_t_, g_t_;
