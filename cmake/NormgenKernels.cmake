@@ -24,6 +24,11 @@ set(NORMGEN_X86_ISAS
     "sse41|x86-64|x86-64-linux-sse41"
     "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c"
     "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake")
+# CUDA: PTX for capability 8.0 (Ampere), the JIT input of every newer GPU too (Halide 14's newest
+# capability is 8.6; sm_90 devices run the 8.0 PTX through the driver's JIT, and the tests
+# assemble every kernel's PTX for sm_80 and sm_90 with ptxas). The host part is x86-64.
+set(NORMGEN_CUDA_TARGETS
+    "cuda_sm80|x86-64|x86-64-linux-cuda-cuda_capability_80")
 # Exact-shape kernels: by default plain f32 for the best x86 ISA; the full set specialises every
 # dtype and fusion for every ISA.
 set(NORMGEN_SPECIALISED_ISAS avx512)
@@ -79,11 +84,11 @@ endif ()
 normgen_read_shapes("${NORMGEN_SHAPES}" NORMGEN_SHAPE_KEYS)
 
 # Runs the generator once: one object file holding one kernel function.
-function(normgen_generate_kernel name family_spec variant_params layout target tuned shape out_object)
+function(normgen_generate_kernel name family_spec variant_params layout target tuned shape kernel_dir out_object)
     string(REPLACE "|" ";" spec "${family_spec}")
     list(GET spec 1 generator)
     list(GET spec 2 params)
-    set(object "${NORMGEN_KERNEL_DIR}/${name}.o")
+    set(object "${kernel_dir}/${name}.o")
     set(tuned_dep "")
     set(tuned_arg "")
     if (tuned)
@@ -93,7 +98,7 @@ function(normgen_generate_kernel name family_spec variant_params layout target t
     add_custom_command(
         OUTPUT "${object}"
         COMMAND normgen_generators -g ${generator} -f ${name} -n ${name} -e ${_emit}
-                -o "${NORMGEN_KERNEL_DIR}" target=${target}-no_runtime
+                -o "${kernel_dir}" target=${target}-no_runtime
                 ${params} ${variant_params} layout=${layout} shape=${shape} ${tuned_arg}
         DEPENDS normgen_generators ${tuned_dep}
         COMMENT "Generating kernel ${name}"
@@ -102,7 +107,7 @@ function(normgen_generate_kernel name family_spec variant_params layout target t
 endfunction()
 
 # Appends one manifest entry (a JSON object) to _manifest_entries in the caller's scope.
-macro(normgen_manifest_entry name family_spec dtype activation residual layout isa arch target shape file)
+macro(normgen_manifest_entry name family_spec dtype activation residual layout isa arch device target shape file)
     string(REPLACE "|" ";" _spec "${family_spec}")
     list(GET _spec 3 _op)
     list(GET _spec 4 _stats)
@@ -116,19 +121,28 @@ macro(normgen_manifest_entry name family_spec dtype activation residual layout i
         set(_shape "{\"kind\":\"exact\",\"n\":${CMAKE_MATCH_1},\"c\":${CMAKE_MATCH_2},\"s\":${CMAKE_MATCH_3}}")
     endif ()
     list(APPEND _manifest_entries
-        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"cpu\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
+        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"${device}\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
 endmacro()
 
-foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
-    string(REPLACE "|" ";" isa_fields "${isa_spec}")
-    list(GET isa_fields 0 isa)
-    list(GET isa_fields 1 arch)
-    list(GET isa_fields 2 target)
-    set(tuned "${CMAKE_SOURCE_DIR}/schedules/tuned/${arch}-${isa}.json")
+# Generates every variant (family x dtype x fusion x layout, plus exact shapes where
+# NORMGEN_SPECIALISED_* ask) for one target into lib<library>.so in package_dir, appending the
+# manifest entries to manifest_var. extra_params go to every generator run; knobs are read from
+# schedules/tuned/<tuned_stem>.json.
+function(normgen_add_kernel_library isa arch device target package_dir extra_params tuned_stem
+         manifest_var)
+    set(_manifest_entries "${${manifest_var}}")
+    set(tuned "${CMAKE_SOURCE_DIR}/schedules/tuned/${tuned_stem}.json")
     if (NOT EXISTS "${tuned}")
         set(tuned "")
     endif ()
     set(library "kernels_${arch}-${isa}")
+    set(kernel_dir "${NORMGEN_KERNEL_DIR}")
+    if (NOT package_dir STREQUAL NORMGEN_PACKAGE_DIR)
+        get_filename_component(_package_name "${package_dir}" NAME)
+        set(library "${_package_name}_${library}")
+        set(kernel_dir "${NORMGEN_KERNEL_DIR}/${_package_name}")
+        file(MAKE_DIRECTORY "${kernel_dir}")
+    endif ()
     set(objects "")
     foreach (family_spec IN LISTS NORMGEN_FAMILIES)
         string(REPLACE "|" ";" spec "${family_spec}")
@@ -146,7 +160,9 @@ foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
                 set(fusion_suffix "_${fusion}")
             endif ()
             set(shapes generic)
-            if (isa IN_LIST NORMGEN_SPECIALISED_ISAS AND "${dtype}|${fusion}" IN_LIST NORMGEN_SPECIALISED_VARIANTS)
+            if (device STREQUAL "cpu" AND package_dir STREQUAL NORMGEN_PACKAGE_DIR AND
+                isa IN_LIST NORMGEN_SPECIALISED_ISAS AND
+                "${dtype}|${fusion}" IN_LIST NORMGEN_SPECIALISED_VARIANTS)
                 list(APPEND shapes ${NORMGEN_SHAPE_KEYS})
             endif ()
             foreach (layout IN LISTS NORMGEN_LAYOUTS)
@@ -160,35 +176,81 @@ foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
                         set(name "${name}_${shape}")
                     endif ()
                     normgen_generate_kernel(${name} "${family_spec}"
-                                            "dtype=${dtype};${fusion_params}" ${layout} ${target}
-                                            "${tuned}" ${shape} object)
+                                            "dtype=${dtype};${fusion_params};${extra_params}"
+                                            ${layout} ${target} "${tuned}" ${shape}
+                                            "${kernel_dir}" object)
                     list(APPEND objects "${object}")
                     normgen_manifest_entry(${name} "${family_spec}" ${dtype} ${activation}
-                                           ${residual} ${layout} ${isa} ${arch} ${target} ${shape}
-                                           "lib${library}.so")
+                                           ${residual} ${layout} ${isa} ${arch} ${device}
+                                           ${target} ${shape} "lib${library}.so")
                 endforeach ()
             endforeach ()
         endforeach ()
         endforeach ()
     endforeach ()
+    if (device STREQUAL "cuda")
+        # Running statistics live in device memory: the runtime updates them with this kernel.
+        set(name "bn_running_stats_${isa}")
+        add_custom_command(
+            OUTPUT "${kernel_dir}/${name}.o"
+            COMMAND normgen_generators -g batch_norm_running_stats -f ${name} -n ${name}
+                    -e ${_emit} -o "${kernel_dir}" target=${target}-no_runtime
+            DEPENDS normgen_generators
+            COMMENT "Generating kernel ${name}"
+            VERBATIM)
+        list(APPEND objects "${kernel_dir}/${name}.o")
+        normgen_manifest_entry(${name} "bn_running_stats|||running_stats|batch" f32 none false
+                               any ${isa} ${arch} ${device} ${target} generic "lib${library}.so")
+    endif ()
     set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)
     # Kernels carry no Halide runtime: they resolve halide_* from libnormgen, which holds the
     # one runtime of the process.
     add_library(${library} MODULE ${objects})
     set_target_properties(${library} PROPERTIES LINKER_LANGUAGE C
-                          LIBRARY_OUTPUT_DIRECTORY "${NORMGEN_PACKAGE_DIR}")
-    list(APPEND NORMGEN_KERNEL_LIBRARIES ${library})
-endforeach ()
+                          LIBRARY_OUTPUT_DIRECTORY "${package_dir}")
+    set(NORMGEN_KERNEL_LIBRARIES ${NORMGEN_KERNEL_LIBRARIES} ${library} PARENT_SCOPE)
+    set(${manifest_var} "${_manifest_entries}" PARENT_SCOPE)
+endfunction()
 
-list(JOIN _manifest_entries ",\n    " _manifest_body)
-file(GENERATE OUTPUT "${NORMGEN_PACKAGE_DIR}/manifest.json" CONTENT
+# Writes package_dir/manifest.json listing the entries.
+function(normgen_write_manifest package_dir entries)
+    list(JOIN entries ",\n    " body)
+    file(GENERATE OUTPUT "${package_dir}/manifest.json" CONTENT
 "{
   \"format\": \"normgen-package\",
   \"abi_version\": 1,
   \"generator\": \"normgen ${PROJECT_VERSION}, Halide ${Halide_VERSION}\",
   \"kernels\": [
-    ${_manifest_body}
+    ${body}
   ]
 }
 ")
+endfunction()
+
+set(NORMGEN_KERNEL_LIBRARIES "")
+set(_package_entries "")
+foreach (isa_spec IN LISTS NORMGEN_X86_ISAS NORMGEN_CUDA_TARGETS)
+    string(REPLACE "|" ";" isa_fields "${isa_spec}")
+    list(GET isa_fields 0 isa)
+    list(GET isa_fields 1 arch)
+    list(GET isa_fields 2 target)
+    set(device cpu)
+    if (target MATCHES "-cuda")
+        set(device cuda)
+    endif ()
+    normgen_add_kernel_library(${isa} ${arch} ${device} ${target} "${NORMGEN_PACKAGE_DIR}" ""
+                               ${arch}-${isa} _package_entries)
+endforeach ()
+normgen_write_manifest("${NORMGEN_PACKAGE_DIR}" "${_package_entries}")
+
+# A second package for the tests: the CUDA schedule emulated on the CPU (x86 baseline, same
+# kernel names as the sse41 ones), so the test suite can check the CUDA schedule's reductions
+# and tail handling against the reference without a GPU.
+set(NORMGEN_CUDA_EMULATION_PACKAGE_DIR "${NORMGEN_LIB_DIR}/normgen-cuda-emulation-package")
+file(MAKE_DIRECTORY "${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}")
+set(_emulation_entries "")
+normgen_add_kernel_library(sse41 x86-64 cpu x86-64-linux-sse41
+                           "${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}" "emulate_cuda=true"
+                           x86-64-cuda_sm80 _emulation_entries)
+normgen_write_manifest("${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}" "${_emulation_entries}")
 add_custom_target(normgen_package ALL DEPENDS ${NORMGEN_KERNEL_LIBRARIES})

@@ -1,6 +1,7 @@
 #include "generator_common.h"
 
 #include "../schedules/cpu_schedule.h"
+#include "../schedules/cuda_schedule.h"
 
 #include <cstdio>
 #include <regex>
@@ -41,15 +42,32 @@ void constrain_channel_vector(OutputImageParam buffer, const FixedShape &shape) 
 
 void schedule_for_target(NormPipeline &p, const Target &target, const std::string &family,
                          const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path) {
+                         const std::string &tuned_json_path, bool emulate_cuda) {
     const std::string layout = p.view.layout == Layout::Contiguous ? "contig" : "cl";
-    std::string entry;
-    CpuKnobs knobs = load_cpu_knobs(tuned_json_path, {family, dtype, layout, shape}, &entry);
+    const KnobsKey key{family, dtype, layout, shape};
+    std::string entry, knobs_text;
+    if (target.has_feature(Target::CUDA) || emulate_cuda) {
+        const CudaKnobs knobs = load_cuda_knobs(tuned_json_path, key, &entry);
+        knobs_text = knobs.to_string();
+        schedule_cuda(p, knobs, target);
+    } else {
+        const CpuKnobs knobs = load_cpu_knobs(tuned_json_path, key, &entry);
+        knobs_text = knobs.to_string();
+        schedule_cpu(p, knobs, target);
+    }
     // Shown in the build log: which tuned entry each kernel was scheduled with.
     std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", family.c_str(),
-                 dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(), entry.c_str(),
-                 knobs.to_string().c_str());
-    schedule_cpu(p, knobs, target);
+                 dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(),
+                 entry.c_str(), knobs_text.c_str());
+}
+
+void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {
+    for (Func f : outputs) {
+        if (target.has_feature(Target::CUDA))
+            schedule_cuda_channel_vector(f, target);
+        else
+            f.vectorize(f.args()[0], target.natural_vector_size<float>(), TailStrategy::GuardWithIf);
+    }
 }
 
 }  // namespace normgen

@@ -46,9 +46,13 @@ void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const Fixe
 void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape &shape);
 
 // Schedules the pipeline for the generator's target with the knobs tuned for `family` / `dtype`.
+// emulate_cuda: the CUDA schedule on a CPU target (see schedule_cuda), for testing it.
 void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
                          const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path);
+                         const std::string &tuned_json_path, bool emulate_cuda);
+
+// Schedules per-channel outputs computed on their own (the running-statistics update).
+void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
 
 // What every BatchNorm generator shares: the variant's GeneratorParams (layout, storage type,
 // fused activation and residual add, exact shape, tuned knobs file); and its last step,
@@ -62,6 +66,8 @@ public:
     Halide::GeneratorParam<bool> residual{"residual", false};       // y = act(bn(x) + z)
     Halide::GeneratorParam<std::string> shape{"shape", "generic"};  // or e.g. n32_c64_s3136
     Halide::GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
+    // The CUDA schedule on a CPU target, its GPU loops emulated: tests its reductions here.
+    Halide::GeneratorParam<bool> emulate_cuda{"emulate_cuda", false};
 
 protected:
     using TensorInput = Halide::GeneratorInput<Halide::Buffer<>>;
@@ -75,10 +81,29 @@ protected:
     // Reads a tensor element as float32 / stores a float32 value in the storage type (round to
     // nearest even). NaN must survive both, as in PyTorch; Halide assumes no NaNs (and its
     // software f16 conversion turns them into infinities) unless an expression is strict_float.
-    static Halide::Expr load(Halide::Expr e) { return Halide::cast<float>(e); }
+    // On CUDA, bf16 goes through its bits: LLVM 14's NVPTX back end cannot select the bf16
+    // arithmetic Halide 14 leaves in the lowered code (it emulates bf16 on CPUs only).
+    bool bf16_as_bits() const {
+        return dtype == StorageType::BF16 && this->get_target().has_feature(Halide::Target::CUDA);
+    }
+    Halide::Expr load(Halide::Expr e) const {
+        if (bf16_as_bits()) {
+            Halide::Expr bits = Halide::cast<uint32_t>(Halide::reinterpret<uint16_t>(e));
+            return Halide::reinterpret<float>(bits << 16);
+        }
+        return Halide::cast<float>(e);
+    }
     Halide::Expr store(Halide::Expr e) const {
         const Halide::Type t = halide_type(dtype);
         if (t == Halide::Float(32)) return e;
+        if (bf16_as_bits()) {  // round to nearest even; NaN stays a (quiet) NaN
+            Halide::Expr bits = Halide::reinterpret<uint32_t>(e);
+            auto u32 = [](uint32_t v) { return Halide::Expr(v); };
+            Halide::Expr rounded = (bits + u32(0x7fff) + ((bits >> 16) & u32(1))) >> 16;
+            Halide::Expr quiet_nan = (bits >> 16) | u32(0x40);
+            return Halide::strict_float(Halide::reinterpret(
+                t, Halide::cast<uint16_t>(Halide::select(Halide::is_nan(e), quiet_nan, rounded))));
+        }
         Halide::Expr rounded = Halide::cast(t, e);
         if (t == Halide::Float(16)) {  // Halide's f16 conversion makes NaN an infinity
             Halide::Expr quiet_nan = Halide::reinterpret(t, Halide::cast<uint16_t>(0x7e00));
@@ -102,7 +127,7 @@ protected:
         const std::string dtype_name = dtype == StorageType::F32   ? "f32"
                                        : dtype == StorageType::F16 ? "f16"
                                                                    : "bf16";
-        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned);
+        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned, emulate_cuda);
     }
 };
 

@@ -2,7 +2,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <sstream>
 #include <stdexcept>
 
@@ -44,37 +43,9 @@ CpuKnobs parse_knobs(const nlohmann::json &j, const std::string &where) {
 }  // namespace
 
 CpuKnobs load_cpu_knobs(const std::string &path, const KnobsKey &key, std::string *chosen_entry) {
-    if (chosen_entry) *chosen_entry = "defaults";
-    if (path.empty()) return CpuKnobs{};
-    std::ifstream in(path);
-    if (!in) throw std::runtime_error("cannot open tuned knobs file '" + path + "'");
-    nlohmann::json doc;
-    try {
-        doc = nlohmann::json::parse(in);
-    } catch (const std::exception &e) {
-        throw std::runtime_error("tuned knobs file '" + path + "' is not valid JSON: " + e.what());
-    }
-    const nlohmann::json *generic = nullptr;
-    try {
-        for (const auto &entry : doc.at("entries")) {
-            if (entry.at("family") != key.family || entry.at("dtype") != key.dtype ||
-                entry.at("layout") != key.layout)
-                continue;
-            const std::string shape = entry.at("shape");
-            if (shape == key.shape) {
-                if (chosen_entry) *chosen_entry = path + ": " + shape;
-                return parse_knobs(entry.at("knobs"), path + " [" + key.family + " " + shape + "]");
-            }
-            if (shape == "generic") generic = &entry;
-        }
-        if (generic) {
-            if (chosen_entry) *chosen_entry = path + ": generic";
-            return parse_knobs(generic->at("knobs"), path + " [" + key.family + " generic]");
-        }
-    } catch (const nlohmann::json::exception &e) {
-        throw std::runtime_error("tuned knobs file '" + path + "': " + e.what());
-    }
-    return CpuKnobs{};
+    const TunedEntry entry = find_tuned_entry(path, key);
+    if (chosen_entry) *chosen_entry = entry.chosen;
+    return parse_knobs(entry.knobs, entry.where);
 }
 
 }  // namespace normgen

@@ -1,6 +1,8 @@
 // The knobs of the CPU schedule and where their values come from (schedules/tuned/<target>.json).
 #pragma once
 
+#include "tuned_knobs.h"
+
 #include <string>
 
 namespace normgen {
@@ -20,12 +22,6 @@ struct CpuKnobs {
     int task_elements = 65536;
 
     std::string to_string() const;
-};
-
-// The key of one tuned entry: kernel family (e.g. "bn_fwd_train"), dtype, layout ("contig" |
-// "cl") and shape ("generic" or an exact shape such as "n32_c64_s3136").
-struct KnobsKey {
-    std::string family, dtype, layout, shape;
 };
 
 // Reads the knobs for key from a tuned JSON file: the exact-shape entry if present, else the

@@ -29,8 +29,8 @@ void require_op(const ng_plan *plan, ng_op op, const char *function) {
 
 // torch.nn.BatchNorm: running = (1 - f) * running + f * batch, with the unbiased variance and
 // f = momentum, or 1 / num_batches_tracked for momentum=None. Done in double, as PyTorch's CPU
-// kernels do.
-void update_running_stats(const ng_plan &plan, float *running_mean, float *running_var,
+// kernels do; on CUDA by the package's running-statistics kernel (the buffers are on the device).
+void update_running_stats(ng_plan &plan, float *running_mean, float *running_var,
                           int64_t *num_batches_tracked, const float *batch_mean) {
     if (num_batches_tracked) ++*num_batches_tracked;
     const double factor = std::isnan(plan.params.momentum)
@@ -38,10 +38,25 @@ void update_running_stats(const ng_plan &plan, float *running_mean, float *runni
                               : plan.params.momentum;
     const double count = static_cast<double>(plan.n * plan.s);
     const double unbias = count / (count - 1);
+    if (plan.on_cuda) {
+        ng_plan &update = *plan.running_stats_update;
+        update.momentum_factor = factor;
+        update.unbias = unbias;
+        update.cuda_stream = plan.cuda_stream;
+        update.bind(Role::running_mean, running_mean);
+        update.bind(Role::running_var, running_var);
+        update.bind(Role::running_mean_out, running_mean);
+        update.bind(Role::running_var_out, running_var);
+        update.bind(Role::save_mean, batch_mean);
+        update.bind(Role::batch_var, plan.scratch(Scratch::batch_var));
+        update.run();
+        return;
+    }
+    const std::vector<float> &batch_var = plan.scratch_values(Scratch::batch_var);
     for (int64_t ch = 0; ch < plan.c; ch++) {
         running_mean[ch] = static_cast<float>(factor * batch_mean[ch] +
                                               (1 - factor) * running_mean[ch]);
-        running_var[ch] = static_cast<float>(factor * (plan.batch_var[ch] * unbias) +
+        running_var[ch] = static_cast<float>(factor * (batch_var[ch] * unbias) +
                                              (1 - factor) * running_var[ch]);
     }
 }
@@ -119,6 +134,15 @@ ng_status ng_plan_create(ng_runtime *runtime, ng_op op, const ng_tensor *x,
     });
 }
 
+ng_status ng_plan_set_cuda_stream(ng_plan *plan, void *stream) {
+    return guarded([&] {
+        if (!plan) fail(NG_INVALID_ARGUMENT, "plan: NULL");
+        if (!plan->on_cuda)
+            fail(NG_INVALID_ARGUMENT, "plan: a CPU plan (x.device = NG_CPU) has no CUDA stream");
+        plan->cuda_stream = stream;
+    });
+}
+
 const char *ng_plan_describe(const ng_plan *plan) {
     return plan ? plan->description.c_str() : "";
 }
@@ -159,13 +183,13 @@ ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void *z, voi
         plan->bind(Role::x, x);
         plan->bind(Role::z, z);
         plan->bind(Role::y, y);
-        plan->bind(Role::weight, p.affine ? weight : plan->ones.data());
-        plan->bind(Role::bias, p.affine ? bias : plan->zeros.data());
-        float *mean_out = save_mean ? save_mean : plan->scratch_a.data();
+        plan->bind(Role::weight, p.affine ? weight : plan->scratch(Scratch::ones));
+        plan->bind(Role::bias, p.affine ? bias : plan->scratch(Scratch::zeros));
+        float *mean_out = save_mean ? save_mean : plan->scratch(Scratch::a);
         if (plan->use_batch_stats) {
             plan->bind(Role::save_mean, mean_out);
-            plan->bind(Role::save_invstd, save_invstd ? save_invstd : plan->scratch_b.data());
-            plan->bind(Role::batch_var, plan->batch_var.data());
+            plan->bind(Role::save_invstd, save_invstd ? save_invstd : plan->scratch(Scratch::b));
+            plan->bind(Role::batch_var, plan->scratch(Scratch::batch_var));
         } else {
             plan->bind(Role::running_mean, running_mean);
             plan->bind(Role::running_var, running_var);
@@ -214,15 +238,15 @@ ng_status ng_batch_norm_backward(ng_plan *plan, const void *x, const void *dy, c
         plan->bind(Role::z, z);
         plan->bind(Role::dx, dx);
         plan->bind(Role::dz, dz);
-        plan->bind(Role::weight, p.affine ? weight : plan->ones.data());
-        plan->bind(Role::bias, p.affine ? bias : plan->zeros.data());
+        plan->bind(Role::weight, p.affine ? weight : plan->scratch(Scratch::ones));
+        plan->bind(Role::bias, p.affine ? bias : plan->scratch(Scratch::zeros));
         plan->bind(Role::save_mean, save_mean);
         plan->bind(Role::save_invstd, save_invstd);
         plan->bind(Role::running_mean, running_mean);
         plan->bind(Role::running_var, running_var);
         // Without affine there is no weight/bias to differentiate: the sums go to scratch.
-        plan->bind(Role::dweight, p.affine && dweight ? dweight : plan->scratch_a.data());
-        plan->bind(Role::dbias, p.affine && dbias ? dbias : plan->scratch_b.data());
+        plan->bind(Role::dweight, p.affine && dweight ? dweight : plan->scratch(Scratch::a));
+        plan->bind(Role::dbias, p.affine && dbias ? dbias : plan->scratch(Scratch::b));
         plan->run();
     });
 }

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sys/stat.h>
 
@@ -23,7 +24,9 @@ using json = nlohmann::json;
 const std::set<std::string> kKnownArguments = {
     "x",         "z",          "dy",          "y",         "dx",     "dz",
     "weight",    "bias",       "running_mean", "running_var", "eps", "save_mean",
-    "save_invstd", "batch_var", "dweight",     "dbias"};
+    "save_invstd", "batch_var", "dweight",     "dbias",
+    // the device-side running-statistics update (bn_running_stats_*)
+    "running_mean_out", "running_var_out", "momentum_factor", "unbias"};
 
 std::string field_string(const json &entry, const char *field, const std::string &where) {
     auto it = entry.find(field);
@@ -121,6 +124,7 @@ std::unique_ptr<Package> Package::open(const std::string &dir, const std::string
     export_halide_runtime();
     auto pkg = std::unique_ptr<Package>(new Package());
     pkg->dir_ = dir;
+    pkg->host_arch_ = host_arch;
     std::map<std::string, void *> opened;
     std::set<std::string> names;
     for (const json &e : doc["kernels"]) {
@@ -149,31 +153,48 @@ std::unique_ptr<Package> Package::open(const std::string &dir, const std::string
         if (k.file.find('/') != std::string::npos)
             fail(NG_PACKAGE_ERROR, at, ": file '", k.file, "' must name a file inside the package");
 
-        if (k.device == "cpu" && k.arch == host_arch) {
-            void *&handle = opened[k.file];
-            if (!handle) {
-                const std::string path = dir + "/" + k.file;
-                handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-                if (!handle) {
-                    const char *why = dlerror();
-                    fail(NG_PACKAGE_ERROR, at, ": cannot load kernel file '", path, "': ",
-                         why ? why : "unknown dlopen error");
-                }
-                pkg->handles_.push_back(handle);
-            }
-            const std::string argv_name = k.symbol + "_argv", md_name = k.symbol + "_metadata";
-            k.entry = reinterpret_cast<int (*)(void **)>(dlsym(handle, argv_name.c_str()));
-            auto md = reinterpret_cast<const halide_filter_metadata_t *(*)()>(
-                dlsym(handle, md_name.c_str()));
-            if (!k.entry || !md)
-                fail(NG_PACKAGE_ERROR, at, ": symbol '", k.symbol, "' (", argv_name, "/", md_name,
-                     ") is not in '", k.file, "'");
-            k.metadata = md();
-            check_metadata(k);
-        }
+        // CPU kernels of this architecture load now; device kernels when a plan asks for them.
+        if (k.device == "cpu" && k.arch == host_arch) pkg->resolve(k, opened, at);
         pkg->kernels_.push_back(std::move(k));
     }
     return pkg;
+}
+
+void Package::resolve(Kernel &k, std::map<std::string, void *> &opened, const std::string &at) {
+    void *&handle = opened[k.file];
+    if (!handle) {
+        const std::string path = dir_ + "/" + k.file;
+        handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (!handle) {
+            const char *why = dlerror();
+            fail(NG_PACKAGE_ERROR, at, ": cannot load kernel file '", path, "': ",
+                 why ? why : "unknown dlopen error");
+        }
+        handles_.push_back(handle);
+    }
+    const std::string argv_name = k.symbol + "_argv", md_name = k.symbol + "_metadata";
+    k.entry = reinterpret_cast<int (*)(void **)>(dlsym(handle, argv_name.c_str()));
+    auto md = reinterpret_cast<const halide_filter_metadata_t *(*)()>(dlsym(handle, md_name.c_str()));
+    if (!k.entry || !md)
+        fail(NG_PACKAGE_ERROR, at, ": symbol '", k.symbol, "' (", argv_name, "/", md_name,
+             ") is not in '", k.file, "'");
+    k.metadata = md();
+    check_metadata(k);
+}
+
+void Package::load_device_kernels(const std::string &device) {
+    static std::mutex mutex;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!loaded_devices_.insert(device).second) return;
+    std::map<std::string, void *> opened;
+    try {
+        for (Kernel &k : kernels_)
+            if (k.device == device && k.arch == host_arch_)
+                resolve(k, opened, dir_ + "/manifest.json kernel '" + k.name + "'");
+    } catch (...) {
+        loaded_devices_.erase(device);  // a later plan reports the same error again
+        throw;
+    }
 }
 
 Package::~Package() {

@@ -6,7 +6,9 @@
 #include "HalideRuntime.h"
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -24,7 +26,8 @@ struct Kernel {
     bool residual = false;
     std::vector<std::string> features;
     KernelShape shape;
-    // Resolved at open (null for kernels of another architecture or device).
+    // Resolved at open for CPU kernels of this architecture, by load_device_kernels for device
+    // kernels of this architecture; null otherwise.
     int (*entry)(void **args) = nullptr;  // Halide's <symbol>_argv
     const halide_filter_metadata_t *metadata = nullptr;
 
@@ -39,9 +42,15 @@ public:
 
     const std::string &dir() const { return dir_; }
     const std::vector<Kernel> &kernels() const { return kernels_; }
+    // Loads the kernel files of a device ("cuda") for this architecture and resolves their
+    // kernels: done once, when the first plan for that device is made (thread-safe).
+    void load_device_kernels(const std::string &device);
 
 private:
-    std::string dir_;
+    void resolve(Kernel &k, std::map<std::string, void *> &opened, const std::string &at);
+
+    std::string dir_, host_arch_;
+    std::set<std::string> loaded_devices_;
     std::vector<Kernel> kernels_;
     std::vector<void *> handles_;
 };

@@ -1,7 +1,10 @@
 #include "plan.h"
 
+#include "cuda_device.h"
 #include "errors.h"
 #include "halide_glue.h"
+
+#include "HalideRuntimeCuda.h"
 
 #include <dlfcn.h>
 
@@ -19,7 +22,8 @@ namespace {
 const char *kRoleNames[] = {"x",          "z",           "dy",        "y",       "dx",
                             "dz",         "weight",      "bias",      "running_mean",
                             "running_var", "eps",        "save_mean", "save_invstd",
-                            "batch_var",  "dweight",     "dbias"};
+                            "batch_var",  "dweight",     "dbias",    "running_mean_out",
+                            "running_var_out", "momentum_factor", "unbias"};
 static_assert(sizeof(kRoleNames) / sizeof(kRoleNames[0]) == static_cast<size_t>(Role::count));
 
 Role role_named(const std::string &name) {
@@ -94,14 +98,11 @@ void validate_params(const ng_batch_norm_params *p) {
              ": expected NG_ACT_NONE (0) or NG_ACT_RELU (1)");
 }
 
-void check_device(const ng_tensor &x) {
-    if (x.device != NG_CUDA) return;
-    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!driver)
-        fail(NG_NO_DEVICE, "x.device = NG_CUDA: no CUDA device (the CUDA driver libcuda.so.1 "
-                           "cannot be loaded)");
-    dlclose(driver);
-    fail(NG_NO_KERNEL, "x.device = NG_CUDA: this package has no CUDA kernels");
+// The CUDA capability a kernel was generated for (its cuda_capability_XY feature), 0 if none.
+int cuda_capability(const Kernel &k) {
+    for (const auto &f : k.features)
+        if (f.rfind("cuda_capability_", 0) == 0) return std::atoi(f.c_str() + 16);
+    return 0;
 }
 
 bool features_supported(const Kernel &k, const CpuInfo &cpu, std::string *missing) {
@@ -121,6 +122,7 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
     plan.buffers.assign(nargs, halide_buffer_t{});
     plan.dims.assign(nargs, {});
     plan.args.assign(nargs, nullptr);
+    plan.device_pointers.assign(nargs, 0);
     // Tensor storage, innermost first; channels-last folds N into the row dimension.
     const int32_t n = static_cast<int32_t>(plan.n), c = static_cast<int32_t>(plan.c),
                   s = static_cast<int32_t>(plan.s);
@@ -134,10 +136,14 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
         const halide_filter_argument_t &arg = md->arguments[i];
         const Role role = role_named(arg.name);
         if (arg.kind == halide_argument_kind_input_scalar) {
-            if (role != Role::eps || arg.type.code != halide_type_float || arg.type.bits != 64)
+            double *value = role == Role::eps               ? &plan.eps
+                            : role == Role::momentum_factor ? &plan.momentum_factor
+                            : role == Role::unbias          ? &plan.unbias
+                                                            : nullptr;
+            if (!value || arg.type.code != halide_type_float || arg.type.bits != 64)
                 fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name, "': scalar argument '",
-                     arg.name, "' is not the float64 eps");
-            plan.args[i] = &plan.eps;
+                     arg.name, "' is not a float64 eps, momentum_factor or unbias");
+            plan.args[i] = value;
             continue;
         }
         const bool tensor = arg.dimensions == 3, vector = arg.dimensions == 1;
@@ -165,6 +171,48 @@ std::string describe_request(const ng_plan &p) {
     return os.str();
 }
 
+// A device copy of a per-channel float vector (Halide allocates it in the CUDA context).
+std::unique_ptr<DeviceVector> copy_to_device(const std::vector<float> &values) {
+    auto d = std::make_unique<DeviceVector>();
+    d->dim = halide_dimension_t{0, static_cast<int32_t>(values.size()), 1, 0};
+    d->buffer.type = halide_type_t(halide_type_float, 32);
+    d->buffer.dimensions = 1;
+    d->buffer.dim = &d->dim;
+    d->buffer.host = reinterpret_cast<uint8_t *>(const_cast<float *>(values.data()));
+    d->buffer.set_host_dirty(true);
+    if (int r = halide_copy_to_device(nullptr, &d->buffer, halide_cuda_device_interface()))
+        fail(r == halide_error_code_out_of_memory ? NG_OUT_OF_MEMORY : NG_INTERNAL,
+             "cannot copy ", values.size(), " floats of plan scratch to the CUDA device (Halide error ",
+             r, "): ", take_halide_error());
+    d->buffer.host = nullptr;  // the host vector is the plan's; only the device copy is used
+    return d;
+}
+
+// The plan of the device-side running-statistics update that follows a CUDA forward training.
+std::unique_ptr<ng_plan> running_stats_plan(const ng_runtime &rt, const ng_plan &forward,
+                                            const CudaDevice &device) {
+    const Kernel *best = nullptr;
+    for (const Kernel &k : rt.package->kernels())
+        if (k.op == "running_stats" && k.device == "cuda" && k.entry &&
+            cuda_capability(k) <= device.capability &&
+            (!best || cuda_capability(k) > cuda_capability(*best)))
+            best = &k;
+    if (!best)
+        fail(NG_NO_KERNEL, "no running-statistics kernel (op running_stats) in '",
+             rt.package->dir(), "' runs on ", device.name,
+             ": training with track_running_stats needs one on CUDA");
+    auto update = std::make_unique<ng_plan>();
+    update->op = forward.op;
+    update->x = forward.x;
+    update->params = forward.params;
+    update->n = update->s = 1;
+    update->c = forward.c;
+    update->kernel = best;
+    update->on_cuda = true;
+    bind_arguments(*update, false);
+    return update;
+}
+
 }  // namespace
 
 ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
@@ -176,7 +224,12 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const ng_op op = static_cast<ng_op>(op_value);
     validate_tensor(x);
     validate_params(params);
-    check_device(*x);
+    const bool on_cuda = x->device == NG_CUDA;
+    const CudaDevice *device = nullptr;
+    if (on_cuda) {
+        device = &cuda_device();  // NG_NO_DEVICE without a driver or device
+        rt->package->load_device_kernels("cuda");
+    }
 
     auto plan = std::make_unique<ng_plan>();
     plan->op = op;
@@ -202,26 +255,38 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const std::string activation = params->activation == NG_ACT_RELU ? "relu" : "none";
     const bool residual = params->residual != 0;
 
-    // Best ISA first (most features), then exact shape before generic.
+    // Best ISA (most features) or CUDA capability first, then exact shape before generic.
     const Kernel *best = nullptr;
     int best_rank = -1;
     std::vector<std::string> passed_over;
     for (const Kernel &k : rt->package->kernels()) {
         if (k.op != op_name || k.statistics != stats || k.dtype != dtype || k.layout != layout ||
-            k.activation != activation || k.residual != residual || k.device != "cpu" ||
-            !k.entry)
+            k.activation != activation || k.residual != residual ||
+            k.device != (on_cuda ? "cuda" : "cpu") || !k.entry)
             continue;
         const bool exact = k.shape.kind == KernelShape::Exact;
         if (exact && (k.shape.n != plan->n || k.shape.c != plan->c || k.shape.s != plan->s))
             continue;
-        std::string missing;
-        if (!features_supported(k, rt->cpu, &missing)) {
-            passed_over.push_back(k.name + " (needs " + missing +
-                                  (rt->cpu.isa_cap.empty() ? "" : ", NORMGEN_ISA=" + rt->cpu.isa_cap) +
-                                  ")");
-            continue;
+        int level;
+        if (on_cuda) {
+            level = cuda_capability(k);
+            if (level > device->capability) {
+                passed_over.push_back(k.name + " (needs sm_" + std::to_string(level) + ", " +
+                                      device->name + " is sm_" +
+                                      std::to_string(device->capability) + ")");
+                continue;
+            }
+        } else {
+            std::string missing;
+            if (!features_supported(k, rt->cpu, &missing)) {
+                passed_over.push_back(
+                    k.name + " (needs " + missing +
+                    (rt->cpu.isa_cap.empty() ? "" : ", NORMGEN_ISA=" + rt->cpu.isa_cap) + ")");
+                continue;
+            }
+            level = static_cast<int>(k.features.size());
         }
-        const int rank = static_cast<int>(k.features.size()) * 2 + (exact ? 1 : 0);
+        const int rank = level * 2 + (exact ? 1 : 0);
         if (rank > best_rank) {
             if (best) passed_over.push_back(best->name + " (a better kernel matches)");
             best = &k;
@@ -233,7 +298,8 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     plan->description = describe_request(*plan);
     if (!best)
         fail(NG_NO_KERNEL, "no kernel in '", rt->package->dir(), "' runs ", plan->description,
-             " on this CPU", passed_over.empty() ? "" : "; passed over: ",
+             on_cuda ? " on " + device->name : std::string(" on this CPU"),
+             passed_over.empty() ? "" : "; passed over: ",
              [&] {
                  std::string s;
                  for (const auto &p : passed_over) s += (s.empty() ? "" : ", ") + p;
@@ -251,29 +317,82 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     if (const char *v = std::getenv("NORMGEN_VERBOSE"); v && *v && *v != '0')
         std::fprintf(stderr, "normgen: plan %s\n", plan->description.c_str());
 
+    plan->on_cuda = on_cuda;
     bind_arguments(*plan, channels_last);
     const size_t C = static_cast<size_t>(plan->c);
-    plan->ones.assign(C, 1.0f);
-    plan->zeros.assign(C, 0.0f);
-    plan->scratch_a.assign(C, 0.0f);
-    plan->scratch_b.assign(C, 0.0f);
-    plan->batch_var.assign(C, 0.0f);
+    for (size_t i = 0; i < plan->scratch_host.size(); i++)
+        plan->scratch_host[i].assign(C, static_cast<Scratch>(i) == Scratch::ones ? 1.0f : 0.0f);
+    if (on_cuda) {
+        for (const auto &values : plan->scratch_host)
+            plan->scratch_device.push_back(copy_to_device(values));
+        if (op == NG_OP_FORWARD && params->training && params->track_running_stats)
+            plan->running_stats_update = running_stats_plan(*rt, *plan, *device);
+    }
     return plan.release();
 }
 
 }  // namespace ng
 
+DeviceVector::~DeviceVector() {
+    if (buffer.device) halide_device_free(nullptr, &buffer);
+}
+
+ng_plan::~ng_plan() = default;
+
 void ng_plan::bind(Role role, const void *data) {
     const int i = slot[static_cast<size_t>(role)];
-    if (i >= 0) buffers[i].host = static_cast<uint8_t *>(const_cast<void *>(data));
+    if (i < 0) return;
+    if (on_cuda)
+        device_pointers[i] = reinterpret_cast<uint64_t>(data);
+    else
+        buffers[i].host = static_cast<uint8_t *>(const_cast<void *>(data));
+}
+
+float *ng_plan::scratch(Scratch which) {
+    const size_t i = static_cast<size_t>(which);
+    if (on_cuda) return reinterpret_cast<float *>(scratch_device[i]->buffer.device);
+    return scratch_host[i].data();
 }
 
 void ng_plan::run() {
     for (size_t i = 0; i < buffers.size(); i++)
-        if (args[i] == &buffers[i] && !buffers[i].host)
+        if (args[i] == &buffers[i] && !(on_cuda ? device_pointers[i] != 0 : buffers[i].host != nullptr))
             ng::fail(NG_INTERNAL, "kernel '", kernel->name, "': argument '",
                      kernel->metadata->arguments[i].name, "' was not bound");
-    if (int r = kernel->entry(args.data()))
-        ng::fail(NG_INTERNAL, "kernel '", kernel->name, "' failed (Halide error ", r,
+    if (!on_cuda) {
+        if (int r = kernel->entry(args.data()))
+            ng::fail(NG_INTERNAL, "kernel '", kernel->name, "' failed (Halide error ", r,
+                     "): ", ng::take_halide_error());
+        return;
+    }
+    // Device pointers go in as they are: wrapped for the call, detached after it (the caller
+    // owns them; nothing is copied to or from the host).
+    size_t wrapped = 0;
+    int status = 0;
+    std::string message;
+    for (; wrapped < buffers.size(); wrapped++) {
+        if (args[wrapped] != &buffers[wrapped]) continue;
+        buffers[wrapped].host = nullptr;
+        buffers[wrapped].flags = 0;
+        if ((status = halide_cuda_wrap_device_ptr(nullptr, &buffers[wrapped],
+                                                  device_pointers[wrapped]))) {
+            message = "cannot wrap device pointer '" +
+                      std::string(kernel->metadata->arguments[wrapped].name) + "'";
+            break;
+        }
+    }
+    if (!status) {
+        ng::set_cuda_stream(cuda_stream);
+        if ((status = kernel->entry(args.data()))) message = "the kernel failed";
+        ng::set_cuda_stream(nullptr);
+    }
+    for (size_t i = 0; i < wrapped; i++) {
+        if (args[i] != &buffers[i]) continue;
+        halide_cuda_detach_device_ptr(nullptr, &buffers[i]);
+        buffers[i].flags = 0;
+    }
+    if (status)
+        ng::fail(status == halide_error_code_out_of_memory ? NG_OUT_OF_MEMORY : NG_INTERNAL,
+                 "kernel '", kernel->name, "' on CUDA: ", message, " (Halide error ", status,
                  "): ", ng::take_halide_error());
 }

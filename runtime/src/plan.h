@@ -13,7 +13,23 @@
 // The arguments a kernel may take, by the names the generators give them.
 enum class Role {
     x, z, dy, y, dx, dz, weight, bias, running_mean, running_var, eps, save_mean, save_invstd,
-    batch_var, dweight, dbias, count
+    batch_var, dweight, dbias,
+    // the device-side running-statistics update (bn_running_stats_*)
+    running_mean_out, running_var_out, momentum_factor, unbias, count
+};
+
+// Per-channel buffers a plan owns: weight 1 / bias 0 without affine, and the statistics and
+// gradients the caller did not ask for.
+enum class Scratch { ones, zeros, a, b, batch_var, count };
+
+// A float vector's copy in device memory (Halide's device interface), freed with it.
+struct DeviceVector {
+    halide_buffer_t buffer{};
+    halide_dimension_t dim{};
+    DeviceVector() = default;
+    DeviceVector(const DeviceVector &) = delete;
+    DeviceVector &operator=(const DeviceVector &) = delete;
+    ~DeviceVector();
 };
 
 struct ng_runtime {
@@ -23,6 +39,7 @@ struct ng_runtime {
 };
 
 struct ng_plan {
+    ~ng_plan();
     ng_op op;
     ng_tensor x;
     ng_batch_norm_params params;
@@ -37,12 +54,25 @@ struct ng_plan {
     std::vector<void *> args;
     std::array<int, static_cast<size_t>(Role::count)> slot;  // role -> index in buffers, or -1
     double eps;
+    double momentum_factor = 0, unbias = 0;  // the running-statistics update's scalars
 
-    // Per-channel scratch: weight 1 / bias 0 without affine, statistics and gradients the
-    // caller did not ask for.
-    std::vector<float> ones, zeros, scratch_a, scratch_b, batch_var;
+    // Host scratch, and for CUDA plans its device copies (see Scratch).
+    std::array<std::vector<float>, static_cast<size_t>(Scratch::count)> scratch_host;
+    std::vector<std::unique_ptr<DeviceVector>> scratch_device;
+
+    // CUDA plans: device pointers by argument (wrapped into the buffers for a run), the stream,
+    // and the plan of the running-statistics kernel (forward training with running stats).
+    bool on_cuda = false;
+    std::vector<uint64_t> device_pointers;
+    void *cuda_stream = nullptr;
+    std::unique_ptr<ng_plan> running_stats_update;
 
     void bind(Role role, const void *data);
+    // The host scratch vector, or its device copy in a CUDA plan.
+    float *scratch(Scratch which);
+    const std::vector<float> &scratch_values(Scratch which) const {
+        return scratch_host[static_cast<size_t>(which)];
+    }
     // Runs the kernel on the bound buffers; throws ng::Error with Halide's message on failure.
     void run();
 };

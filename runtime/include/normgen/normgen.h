@@ -90,6 +90,18 @@ NG_API const char *ng_runtime_describe(const ng_runtime *runtime);
  * two threads at once (it owns per-channel scratch), but separate plans are independent. */
 NG_API ng_status ng_plan_create(ng_runtime *runtime, ng_op op, const ng_tensor *x,
                                 const ng_batch_norm_params *params, ng_plan **out_plan);
+/* CUDA plans (x.device = NG_CUDA): every tensor and per-channel pointer passed to the forward and
+ * backward calls is a device pointer (cuMemAlloc / cudaMalloc memory of the context current on
+ * the calling thread, or of the device's primary context, which is what kernels run in), except
+ * num_batches_tracked, a host int64 (momentum=None needs its value on the host). Nothing is
+ * copied between host and device. A host pointer where a device pointer is expected cannot be
+ * detected cheaply: the kernel then fails with a CUDA error (NG_INTERNAL) or reads garbage.
+ * Kernels run on `stream` (a CUstream; NULL, the default, is the legacy default stream) and are
+ * asynchronous to the host like any CUDA launch. Without a CUDA driver or device, creating a
+ * CUDA plan returns NG_NO_DEVICE. NORMGEN_CUDA_DEVICE picks the device when no context is
+ * current. */
+NG_API ng_status ng_plan_set_cuda_stream(ng_plan *plan, void *stream);
+
 /* The chosen kernel and why (and why more specialised candidates were not taken). */
 NG_API const char *ng_plan_describe(const ng_plan *plan);
 NG_API void ng_plan_destroy(ng_plan *plan);
