@@ -19,11 +19,22 @@ set(NORMGEN_FUSIONS
     "relu|activation=relu residual=false|relu|false"
     "add|activation=none residual=true|none|true"
     "addrelu|activation=relu residual=true|relu|true")
-# isa | architecture | Halide target (without no_runtime) — ordered baseline first
+# isa | architecture | Halide target (without no_runtime) | dtypes ("" = all) — baseline first
+# within each architecture. neon_fp16 holds only f16 kernels: arm_fp16 lets Halide 14 convert
+# f16 with fcvtl/fcvtn instead of emulating it with integer ops, and changes nothing else (the
+# f32 and bf16 kernels' assembly is identical with and without it; arm_dot_prod changes no
+# kernel at all, so it gets no build).
 set(NORMGEN_X86_ISAS
-    "sse41|x86-64|x86-64-linux-sse41"
-    "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c"
-    "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake")
+    "sse41|x86-64|x86-64-linux-sse41|"
+    "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c|"
+    "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake|")
+set(NORMGEN_ARM_ISAS
+    "neon|arm-64|arm-64-linux|"
+    "neon_fp16|arm-64|arm-64-linux-arm_fp16|f16")
+set(NORMGEN_ISAS ${NORMGEN_X86_ISAS})
+if (NORMGEN_AARCH64)
+    list(APPEND NORMGEN_ISAS ${NORMGEN_ARM_ISAS})
+endif ()
 # Exact-shape kernels: by default plain f32 for the best x86 ISA; the full set specialises every
 # dtype and fusion for every ISA.
 set(NORMGEN_SPECIALISED_ISAS avx512)
@@ -101,14 +112,30 @@ function(normgen_generate_kernel name family_spec variant_params layout target t
     set(${out_object} "${object}" PARENT_SCOPE)
 endfunction()
 
+# Runs the generator for the Halide runtime the kernels of one target architecture share (they
+# are generated with no_runtime); out_object is its object file, a rule of the calling folder.
+function(normgen_generate_halide_runtime name target out_dir out_object)
+    set(object "${out_dir}/${name}.o")
+    add_custom_command(
+        OUTPUT "${object}"
+        COMMAND normgen_generators -r ${name} -e object -o "${out_dir}" target=${target}
+        DEPENDS normgen_generators
+        COMMENT "Generating the shared Halide runtime for ${target}"
+        VERBATIM)
+    set(${out_object} "${object}" PARENT_SCOPE)
+endfunction()
+
 # Appends one manifest entry (a JSON object) to _manifest_entries in the caller's scope.
 macro(normgen_manifest_entry name family_spec dtype activation residual layout isa arch target shape file)
     string(REPLACE "|" ";" _spec "${family_spec}")
     list(GET _spec 3 _op)
     list(GET _spec 4 _stats)
-    # Features are what follows arch-bits-os in the target string.
-    string(REGEX MATCH "^[^-]+-[^-]+-[^-]+-(.*)$" _m "${target}")
-    string(REPLACE "-" "\",\"" _features "${CMAKE_MATCH_1}")
+    # Features are what follows arch-bits-os in the target string (none for a baseline such as
+    # arm-64-linux).
+    set(_features "")
+    if ("${target}" MATCHES "^[^-]+-[^-]+-[^-]+-(.+)$")
+        string(REPLACE "-" "\",\"" _features "\"${CMAKE_MATCH_1}\"")
+    endif ()
     if ("${shape}" STREQUAL "generic")
         set(_shape "{\"kind\":\"generic\"}")
     else ()
@@ -116,14 +143,18 @@ macro(normgen_manifest_entry name family_spec dtype activation residual layout i
         set(_shape "{\"kind\":\"exact\",\"n\":${CMAKE_MATCH_1},\"c\":${CMAKE_MATCH_2},\"s\":${CMAKE_MATCH_3}}")
     endif ()
     list(APPEND _manifest_entries
-        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"cpu\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
+        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"cpu\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[${_features}],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
 endmacro()
 
-foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
+foreach (isa_spec IN LISTS NORMGEN_ISAS)
     string(REPLACE "|" ";" isa_fields "${isa_spec}")
     list(GET isa_fields 0 isa)
     list(GET isa_fields 1 arch)
     list(GET isa_fields 2 target)
+    list(GET isa_fields 3 isa_dtypes)
+    if (NOT isa_dtypes)
+        set(isa_dtypes ${NORMGEN_DTYPES})
+    endif ()
     set(tuned "${CMAKE_SOURCE_DIR}/schedules/tuned/${arch}-${isa}.json")
     if (NOT EXISTS "${tuned}")
         set(tuned "")
@@ -133,7 +164,7 @@ foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
     foreach (family_spec IN LISTS NORMGEN_FAMILIES)
         string(REPLACE "|" ";" spec "${family_spec}")
         list(GET spec 0 family)
-        foreach (dtype IN LISTS NORMGEN_DTYPES)
+        foreach (dtype IN LISTS isa_dtypes)
         foreach (fusion_spec IN LISTS NORMGEN_FUSIONS)
             string(REPLACE "|" ";" fusion_fields "${fusion_spec}")
             list(GET fusion_fields 0 fusion)
@@ -171,12 +202,25 @@ foreach (isa_spec IN LISTS NORMGEN_X86_ISAS)
         endforeach ()
         endforeach ()
     endforeach ()
-    set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)
-    # Kernels carry no Halide runtime: they resolve halide_* from libnormgen, which holds the
-    # one runtime of the process.
-    add_library(${library} MODULE ${objects})
-    set_target_properties(${library} PROPERTIES LINKER_LANGUAGE C
-                          LIBRARY_OUTPUT_DIRECTORY "${NORMGEN_PACKAGE_DIR}")
+    if (arch STREQUAL NORMGEN_HOST_ARCH)
+        set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)
+        # Kernels carry no Halide runtime: they resolve halide_* from libnormgen, which holds
+        # the one runtime of the process.
+        add_library(${library} MODULE ${objects})
+        set_target_properties(${library} PROPERTIES LINKER_LANGUAGE C
+                              LIBRARY_OUTPUT_DIRECTORY "${NORMGEN_PACKAGE_DIR}")
+    else ()
+        # Another architecture's kernels (AArch64): this project's compiler cannot link them,
+        # the cross linker can. Listed in the manifest; only a runtime on that arch loads them.
+        set(shared_object "${NORMGEN_PACKAGE_DIR}/lib${library}.so")
+        add_custom_command(
+            OUTPUT "${shared_object}"
+            COMMAND ${NORMGEN_LINKER_${arch}} -shared -o "${shared_object}" ${objects}
+            DEPENDS ${objects}
+            COMMENT "Linking ${arch} kernel library lib${library}.so"
+            VERBATIM)
+        add_custom_target(${library} DEPENDS "${shared_object}")
+    endif ()
     list(APPEND NORMGEN_KERNEL_LIBRARIES ${library})
 endforeach ()
 
