@@ -19,18 +19,29 @@ set(NORMGEN_FUSIONS
     "relu|activation=relu residual=false|relu|false"
     "add|activation=none residual=true|none|true"
     "addrelu|activation=relu residual=true|relu|true")
-# isa | architecture | Halide target (without no_runtime) — ordered baseline first
+# isa | architecture | Halide target (without no_runtime) | dtypes ("" = all) — baseline first
+# within each architecture. neon_fp16 holds only f16 kernels: arm_fp16 lets Halide 14 convert
+# f16 with fcvtl/fcvtn instead of emulating it with integer ops, and changes nothing else (the
+# f32 and bf16 kernels' assembly is identical with and without it; arm_dot_prod changes no
+# kernel at all, so it gets no build).
 set(NORMGEN_X86_ISAS
-    "sse41|x86-64|x86-64-linux-sse41"
-    "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c"
-    "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake")
+    "sse41|x86-64|x86-64-linux-sse41|"
+    "avx2|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c|"
+    "avx512|x86-64|x86-64-linux-sse41-avx-avx2-fma-f16c-avx512-avx512_skylake|")
+set(NORMGEN_ARM_ISAS
+    "neon|arm-64|arm-64-linux|"
+    "neon_fp16|arm-64|arm-64-linux-arm_fp16|f16")
+set(NORMGEN_ISAS ${NORMGEN_X86_ISAS})
+if (NORMGEN_AARCH64)
+    list(APPEND NORMGEN_ISAS ${NORMGEN_ARM_ISAS})
+endif ()
 # CUDA: PTX for capability 8.0 (Ampere), the JIT input of every newer GPU too (Halide 14's newest
 # capability is 8.6; sm_90 devices run the 8.0 PTX through the driver's JIT, and the tests
 # assemble every kernel's PTX for sm_80 and sm_90 with ptxas). The host part is x86-64.
 set(NORMGEN_CUDA_TARGETS
-    "cuda_sm80|x86-64|x86-64-linux-cuda-cuda_capability_80")
+    "cuda_sm80|x86-64|x86-64-linux-cuda-cuda_capability_80|")
 # Exact-shape kernels: by default plain f32 for the best x86 ISA; the full set specialises every
-# dtype and fusion for every ISA.
+# dtype and fusion for every x86 ISA (none for arm-64: the qemu suite has no exact-shape tests).
 set(NORMGEN_SPECIALISED_ISAS avx512)
 set(NORMGEN_SPECIALISED_VARIANTS "f32|")
 if (NORMGEN_FULL_KERNELS)
@@ -106,14 +117,30 @@ function(normgen_generate_kernel name family_spec variant_params layout target t
     set(${out_object} "${object}" PARENT_SCOPE)
 endfunction()
 
+# Runs the generator for the Halide runtime the kernels of one target architecture share (they
+# are generated with no_runtime); out_object is its object file, a rule of the calling folder.
+function(normgen_generate_halide_runtime name target out_dir out_object)
+    set(object "${out_dir}/${name}.o")
+    add_custom_command(
+        OUTPUT "${object}"
+        COMMAND normgen_generators -r ${name} -e object -o "${out_dir}" target=${target}
+        DEPENDS normgen_generators
+        COMMENT "Generating the shared Halide runtime for ${target}"
+        VERBATIM)
+    set(${out_object} "${object}" PARENT_SCOPE)
+endfunction()
+
 # Appends one manifest entry (a JSON object) to _manifest_entries in the caller's scope.
 macro(normgen_manifest_entry name family_spec dtype activation residual layout isa arch device target shape file)
     string(REPLACE "|" ";" _spec "${family_spec}")
     list(GET _spec 3 _op)
     list(GET _spec 4 _stats)
-    # Features are what follows arch-bits-os in the target string.
-    string(REGEX MATCH "^[^-]+-[^-]+-[^-]+-(.*)$" _m "${target}")
-    string(REPLACE "-" "\",\"" _features "${CMAKE_MATCH_1}")
+    # Features are what follows arch-bits-os in the target string (none for a baseline such as
+    # arm-64-linux).
+    set(_features "")
+    if ("${target}" MATCHES "^[^-]+-[^-]+-[^-]+-(.+)$")
+        string(REPLACE "-" "\",\"" _features "\"${CMAKE_MATCH_1}\"")
+    endif ()
     if ("${shape}" STREQUAL "generic")
         set(_shape "{\"kind\":\"generic\"}")
     else ()
@@ -121,15 +148,15 @@ macro(normgen_manifest_entry name family_spec dtype activation residual layout i
         set(_shape "{\"kind\":\"exact\",\"n\":${CMAKE_MATCH_1},\"c\":${CMAKE_MATCH_2},\"s\":${CMAKE_MATCH_3}}")
     endif ()
     list(APPEND _manifest_entries
-        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"${device}\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[\"${_features}\"],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
+        "{\"name\":\"${name}\",\"op\":\"${_op}\",\"statistics\":\"${_stats}\",\"dtype\":\"${dtype}\",\"layout\":\"${layout}\",\"activation\":\"${activation}\",\"residual\":${residual},\"device\":\"${device}\",\"arch\":\"${arch}\",\"isa\":\"${isa}\",\"features\":[${_features}],\"target\":\"${target}\",\"shape\":${_shape},\"file\":\"${file}\",\"symbol\":\"${name}\"}")
 endmacro()
 
 # Generates every variant (family x dtype x fusion x layout, plus exact shapes where
 # NORMGEN_SPECIALISED_* ask) for one target into lib<library>.so in package_dir, appending the
 # manifest entries to manifest_var. extra_params go to every generator run; knobs are read from
 # schedules/tuned/<tuned_stem>.json.
-function(normgen_add_kernel_library isa arch device target package_dir extra_params tuned_stem
-         manifest_var)
+function(normgen_add_kernel_library isa arch device target dtypes package_dir extra_params
+         tuned_stem manifest_var)
     set(_manifest_entries "${${manifest_var}}")
     set(tuned "${CMAKE_SOURCE_DIR}/schedules/tuned/${tuned_stem}.json")
     if (NOT EXISTS "${tuned}")
@@ -147,7 +174,7 @@ function(normgen_add_kernel_library isa arch device target package_dir extra_par
     foreach (family_spec IN LISTS NORMGEN_FAMILIES)
         string(REPLACE "|" ";" spec "${family_spec}")
         list(GET spec 0 family)
-        foreach (dtype IN LISTS NORMGEN_DTYPES)
+        foreach (dtype IN LISTS dtypes)
         foreach (fusion_spec IN LISTS NORMGEN_FUSIONS)
             string(REPLACE "|" ";" fusion_fields "${fusion_spec}")
             list(GET fusion_fields 0 fusion)
@@ -202,12 +229,25 @@ function(normgen_add_kernel_library isa arch device target package_dir extra_par
         normgen_manifest_entry(${name} "bn_running_stats|||running_stats|batch" f32 none false
                                any ${isa} ${arch} ${device} ${target} generic "lib${library}.so")
     endif ()
-    set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)
-    # Kernels carry no Halide runtime: they resolve halide_* from libnormgen, which holds the
-    # one runtime of the process.
-    add_library(${library} MODULE ${objects})
-    set_target_properties(${library} PROPERTIES LINKER_LANGUAGE C
-                          LIBRARY_OUTPUT_DIRECTORY "${package_dir}")
+    if (arch STREQUAL NORMGEN_HOST_ARCH)
+        set_source_files_properties(${objects} PROPERTIES EXTERNAL_OBJECT TRUE GENERATED TRUE)
+        # Kernels carry no Halide runtime: they resolve halide_* from libnormgen, which holds
+        # the one runtime of the process.
+        add_library(${library} MODULE ${objects})
+        set_target_properties(${library} PROPERTIES LINKER_LANGUAGE C
+                              LIBRARY_OUTPUT_DIRECTORY "${package_dir}")
+    else ()
+        # Another architecture's kernels (AArch64): this project's compiler cannot link them,
+        # the cross linker can. Listed in the manifest; only a runtime on that arch loads them.
+        set(shared_object "${package_dir}/lib${library}.so")
+        add_custom_command(
+            OUTPUT "${shared_object}"
+            COMMAND ${NORMGEN_LINKER_${arch}} -shared -o "${shared_object}" ${objects}
+            DEPENDS ${objects}
+            COMMENT "Linking ${arch} kernel library lib${library}.so"
+            VERBATIM)
+        add_custom_target(${library} DEPENDS "${shared_object}")
+    endif ()
     set(NORMGEN_KERNEL_LIBRARIES ${NORMGEN_KERNEL_LIBRARIES} ${library} PARENT_SCOPE)
     set(${manifest_var} "${_manifest_entries}" PARENT_SCOPE)
 endfunction()
@@ -229,17 +269,21 @@ endfunction()
 
 set(NORMGEN_KERNEL_LIBRARIES "")
 set(_package_entries "")
-foreach (isa_spec IN LISTS NORMGEN_X86_ISAS NORMGEN_CUDA_TARGETS)
+foreach (isa_spec IN LISTS NORMGEN_ISAS NORMGEN_CUDA_TARGETS)
     string(REPLACE "|" ";" isa_fields "${isa_spec}")
     list(GET isa_fields 0 isa)
     list(GET isa_fields 1 arch)
     list(GET isa_fields 2 target)
+    list(GET isa_fields 3 isa_dtypes)
+    if (NOT isa_dtypes)
+        set(isa_dtypes ${NORMGEN_DTYPES})
+    endif ()
     set(device cpu)
     if (target MATCHES "-cuda")
         set(device cuda)
     endif ()
-    normgen_add_kernel_library(${isa} ${arch} ${device} ${target} "${NORMGEN_PACKAGE_DIR}" ""
-                               ${arch}-${isa} _package_entries)
+    normgen_add_kernel_library(${isa} ${arch} ${device} ${target} "${isa_dtypes}"
+                               "${NORMGEN_PACKAGE_DIR}" "" ${arch}-${isa} _package_entries)
 endforeach ()
 normgen_write_manifest("${NORMGEN_PACKAGE_DIR}" "${_package_entries}")
 
@@ -249,7 +293,7 @@ normgen_write_manifest("${NORMGEN_PACKAGE_DIR}" "${_package_entries}")
 set(NORMGEN_CUDA_EMULATION_PACKAGE_DIR "${NORMGEN_LIB_DIR}/normgen-cuda-emulation-package")
 file(MAKE_DIRECTORY "${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}")
 set(_emulation_entries "")
-normgen_add_kernel_library(sse41 x86-64 cpu x86-64-linux-sse41
+normgen_add_kernel_library(sse41 x86-64 cpu x86-64-linux-sse41 "${NORMGEN_DTYPES}"
                            "${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}" "emulate_cuda=true"
                            x86-64-cuda_sm80 _emulation_entries)
 normgen_write_manifest("${NORMGEN_CUDA_EMULATION_PACKAGE_DIR}" "${_emulation_entries}")

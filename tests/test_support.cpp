@@ -12,13 +12,23 @@
 #include <sstream>
 #include <string_view>
 
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 #ifndef NORMGEN_TEST_PACKAGE_DIR
 #error "NORMGEN_TEST_PACKAGE_DIR must name the package folder the build writes"
 #endif
 
 namespace normgen::test {
 
-std::string package_dir() { return NORMGEN_TEST_PACKAGE_DIR; }
+std::string package_dir() {
+    // Another package of the same kernels (the CUDA schedule emulated on the CPU) can be tested
+    // with the same suite.
+    if (const char *dir = std::getenv("NORMGEN_TEST_PACKAGE"); dir && *dir) return dir;
+    return NORMGEN_TEST_PACKAGE_DIR;
+}
 
 const nlohmann::json &manifest() {
     static const nlohmann::json m = [] {
@@ -29,12 +39,42 @@ const nlohmann::json &manifest() {
     return m;
 }
 
+std::string host_arch() {
+#if defined(__x86_64__)
+    return "x86-64";
+#elif defined(__aarch64__)
+    return "arm-64";
+#else
+#error "normgen's tests know the ISA levels of x86-64 and arm-64 only"
+#endif
+}
+
 const std::vector<std::string> &isa_levels() {
-    static const std::vector<std::string> levels = {"sse41", "avx2", "avx512"};
+#if defined(__x86_64__)
+    static const std::vector<std::string> all = {"sse41", "avx2", "avx512"};
+#else
+    static const std::vector<std::string> all = {"neon", "neon_fp16"};
+#endif
+    // The levels the package has CPU kernels for on this architecture.
+    static const std::vector<std::string> levels = [] {
+        std::vector<std::string> present;
+        for (const auto &isa : all)
+            for (const auto &k : manifest()["kernels"])
+                if (k["device"] == "cpu" && k["arch"] == host_arch() && k["isa"] == isa) {
+                    present.push_back(isa);
+                    break;
+                }
+        return present;
+    }();
     return levels;
 }
 
+bool isa_has_dtype(const std::string &isa, ng_dtype dtype) {
+    return isa != "neon_fp16" || dtype == NG_F16;
+}
+
 bool cpu_supports(const std::string &isa) {
+#if defined(__x86_64__)
     __builtin_cpu_init();
     if (isa == "sse41") return __builtin_cpu_supports("sse4.1");
     if (isa == "avx2")
@@ -44,6 +84,12 @@ bool cpu_supports(const std::string &isa) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("avx512vl") && cpu_supports("avx2");
+#else
+    const unsigned long hwcap = getauxval(AT_HWCAP);
+    if (isa == "neon") return hwcap & HWCAP_ASIMD;
+    if (isa == "neon_fp16")  // Halide's arm_fp16: half precision in scalar and vector units
+        return cpu_supports("neon") && (hwcap & HWCAP_FPHP) && (hwcap & HWCAP_ASIMDHP);
+#endif
     return false;
 }
 
@@ -189,9 +235,14 @@ std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa
                             const FusedOps &fused) {
     const ref::View v = view_of(t);
     const std::string fusion = fusion_name(fused);
+    // The best level up to `isa` that has kernels of this dtype (neon_fp16 has only f16 ones).
+    const auto &levels = isa_levels();
+    auto it = std::find(levels.begin(), levels.end(), isa);
+    while (it != levels.begin() && it != levels.end() && !isa_has_dtype(*it, t.dtype)) --it;
+    const std::string level = it == levels.end() ? isa : *it;
     const std::string generic = std::string(family_name(f)) + "_" + dtype_name(t.dtype) + "_" +
                                 kernel_layout(t) + (fusion.empty() ? "" : "_" + fusion) + "_" +
-                                isa;
+                                level;
     const std::string exact = generic + "_n" + std::to_string(v.n) + "_c" + std::to_string(v.c) +
                               "_s" + std::to_string(v.s);
     for (const auto &k : manifest().at("kernels"))

@@ -25,10 +25,16 @@ std::string package_dir();
 // Its manifest.json, parsed (throws if unreadable: every test needs it).
 const nlohmann::json &manifest();
 
-// x86 ISA levels of the package, baseline first, and whether this CPU can run each.
+// The architecture the tests run on, as the manifest names it ("x86-64", "arm-64"), its ISA
+// levels in the package (the manifest's "isa", NORMGEN_ISA's values), baseline first, and
+// whether this CPU can run each (detected here independently of the runtime).
+std::string host_arch();
 const std::vector<std::string> &isa_levels();
 bool cpu_supports(const std::string &isa);
 std::string best_isa();
+// Whether the package has kernels of this level for dtype: every level has every dtype, except
+// neon_fp16, which has only f16 kernels (arm_fp16 changes no other kernel's code).
+bool isa_has_dtype(const std::string &isa, ng_dtype dtype);
 
 // Sets an environment variable for the scope (unsets it for a null value), restoring it after.
 class ScopedEnv {
@@ -91,7 +97,8 @@ bool family_training(Family f);
 // with S == 1 (their memory is channels-last); "contig" otherwise.
 std::string kernel_layout(const ng_tensor &t);
 // The kernel a plan must choose: the exact-shape kernel for (family, dtype, layout, fusion, isa,
-// N, C, S) if the manifest has one, else the generic kernel of that ISA. Names are
+// N, C, S) if the manifest has one, else the generic kernel of that ISA (or, where that level
+// has no kernels of the dtype, of the best level below it). Names are
 // <family>_<dtype>_<layout>[_<fusion>]_<isa>[_n<N>_c<C>_s<S>]; the dtype is t.dtype.
 std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa,
                             const FusedOps &fused = {});

@@ -112,7 +112,12 @@ ng_status ng_runtime_open(const char *package_dir, ng_runtime **out_runtime) {
         for (const auto &k : rt->package->kernels())
             os << k.name << "  " << k.op << " " << k.statistics << " " << k.dtype << " "
                << k.layout << " " << k.device << " " << k.arch << "-" << k.isa << " "
-               << k.describe_shape() << (k.entry ? "" : " (not loadable here)") << "\n";
+               << k.describe_shape()
+               << (k.entry                        ? ""
+                   : k.arch != rt->cpu.arch       ? " (not loadable here)"
+                   : k.device != "cpu"            ? " (loaded by the first " + k.device + " plan)"
+                                                  : "")
+               << "\n";
         rt->description = os.str();
         *out_runtime = rt.release();
     });

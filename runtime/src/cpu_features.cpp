@@ -7,6 +7,9 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#elif defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
 #endif
 
 namespace ng {
@@ -48,11 +51,31 @@ std::set<std::string> detect_x86() {
 }
 #endif
 
-// The features each NORMGEN_ISA level allows, cumulative.
-const std::vector<std::pair<std::string, std::vector<std::string>>> kIsaLevels = {
+#if defined(__aarch64__)
+// Halide's arm-64 baseline is NEON (ASIMD), which every AArch64 Linux CPU has in practice, but
+// the kernels must not run where it is missing: such a CPU gets another arch name, so that no
+// arm-64 kernel loads and plans fail with NG_NO_KERNEL.
+std::string detect_arm(std::set<std::string> *features) {
+    const unsigned long hwcap = getauxval(AT_HWCAP);
+    if (!(hwcap & HWCAP_ASIMD)) return "arm-64 without ASIMD";
+    // Half-precision arithmetic, scalar (FPHP) and vector (ASIMDHP): Halide's arm_fp16.
+    if ((hwcap & HWCAP_FPHP) && (hwcap & HWCAP_ASIMDHP)) features->insert("arm_fp16");
+    if (hwcap & HWCAP_ASIMDDP) features->insert("arm_dot_prod");
+    return "arm-64";
+}
+#endif
+
+// The features each NORMGEN_ISA level allows, cumulative, per architecture (the level names are
+// the manifest's "isa" values).
+using IsaLevels = std::vector<std::pair<std::string, std::vector<std::string>>>;
+const IsaLevels kX86Levels = {
     {"sse41", {"sse41"}},
     {"avx2", {"avx", "avx2", "fma", "f16c"}},
     {"avx512", {"avx512", "avx512_skylake"}},
+};
+const IsaLevels kArmLevels = {
+    {"neon", {}},
+    {"neon_fp16", {"arm_fp16"}},
 };
 
 }  // namespace
@@ -62,24 +85,27 @@ CpuInfo detect_cpu(const char *isa_cap) {
 #if defined(__x86_64__)
     info.arch = "x86-64";
     info.features = detect_x86();
+    const IsaLevels &levels = kX86Levels;
 #elif defined(__aarch64__)
-    info.arch = "arm-64";
+    info.arch = detect_arm(&info.features);
+    const IsaLevels &levels = kArmLevels;
 #else
     info.arch = "unknown";
+    const IsaLevels levels;
 #endif
     if (isa_cap && *isa_cap) {
         std::set<std::string> allowed;
         bool found = false;
-        for (const auto &[level, features] : kIsaLevels) {
+        std::string names;
+        for (const auto &[level, features] : levels) {
+            names += (names.empty() ? "" : ", ") + level;
+            if (found) continue;
             allowed.insert(features.begin(), features.end());
-            if (level == isa_cap) {
-                found = true;
-                break;
-            }
+            found = level == isa_cap;
         }
         if (!found)
-            fail(NG_INVALID_ARGUMENT, "NORMGEN_ISA='", isa_cap,
-                 "' is not an ISA level (expected sse41, avx2 or avx512)");
+            fail(NG_INVALID_ARGUMENT, "NORMGEN_ISA='", isa_cap, "' is not an ISA level of ",
+                 info.arch, " (expected one of: ", names, ")");
         std::set<std::string> capped;
         for (const auto &f : info.features)
             if (allowed.count(f)) capped.insert(f);

@@ -3,7 +3,9 @@
 #include "errors.h"
 #include "normgen/normgen.h"
 
+#if NORMGEN_WITH_CUDA
 #include "HalideRuntimeCuda.h"
+#endif
 
 #include <dlfcn.h>
 
@@ -12,6 +14,7 @@
 
 namespace ng {
 
+#if NORMGEN_WITH_CUDA
 namespace {
 
 // The few driver entry points normgen needs (CUDA driver API, cuda.h), by value: no CUDA headers.
@@ -119,5 +122,23 @@ const CudaDevice &cuda_device() {
 }
 
 void set_cuda_stream(void *stream) { g_stream = stream; }
+
+const halide_device_interface_t *cuda_interface() { return halide_cuda_device_interface(); }
+int cuda_wrap(halide_buffer_t *buffer, uint64_t device_pointer) {
+    return halide_cuda_wrap_device_ptr(nullptr, buffer, device_pointer);
+}
+int cuda_detach(halide_buffer_t *buffer) { return halide_cuda_detach_device_ptr(nullptr, buffer); }
+
+#else  // a build without CUDA
+
+const CudaDevice &cuda_device() {
+    fail(NG_NO_DEVICE, "no CUDA device: this libnormgen is built without CUDA support");
+}
+void set_cuda_stream(void *) {}
+const halide_device_interface_t *cuda_interface() { return nullptr; }
+int cuda_wrap(halide_buffer_t *, uint64_t) { return halide_error_code_device_wrap_native_failed; }
+int cuda_detach(halide_buffer_t *) { return 0; }
+
+#endif
 
 }  // namespace ng

@@ -2,6 +2,9 @@
 // when a plan for a CUDA tensor is made.
 #pragma once
 
+#include "HalideRuntime.h"
+
+#include <cstdint>
 #include <string>
 
 namespace ng {
@@ -21,5 +24,11 @@ const CudaDevice &cuda_device();
 
 // The stream the calling thread's next kernels run on (a CUstream; null: the default stream).
 void set_cuda_stream(void *stream);
+
+// Halide's CUDA device interface and its device-pointer wrapping (Halide error codes). Builds
+// without CUDA (AArch64) have none: cuda_device() then reports NG_NO_DEVICE.
+const halide_device_interface_t *cuda_interface();
+int cuda_wrap(halide_buffer_t *buffer, uint64_t device_pointer);
+int cuda_detach(halide_buffer_t *buffer);
 
 }  // namespace ng

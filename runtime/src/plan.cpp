@@ -4,7 +4,6 @@
 #include "errors.h"
 #include "halide_glue.h"
 
-#include "HalideRuntimeCuda.h"
 
 #include <dlfcn.h>
 
@@ -180,7 +179,7 @@ std::unique_ptr<DeviceVector> copy_to_device(const std::vector<float> &values) {
     d->buffer.dim = &d->dim;
     d->buffer.host = reinterpret_cast<uint8_t *>(const_cast<float *>(values.data()));
     d->buffer.set_host_dirty(true);
-    if (int r = halide_copy_to_device(nullptr, &d->buffer, halide_cuda_device_interface()))
+    if (int r = halide_copy_to_device(nullptr, &d->buffer, cuda_interface()))
         fail(r == halide_error_code_out_of_memory ? NG_OUT_OF_MEMORY : NG_INTERNAL,
              "cannot copy ", values.size(), " floats of plan scratch to the CUDA device (Halide error ",
              r, "): ", take_halide_error());
@@ -374,8 +373,7 @@ void ng_plan::run() {
         if (args[wrapped] != &buffers[wrapped]) continue;
         buffers[wrapped].host = nullptr;
         buffers[wrapped].flags = 0;
-        if ((status = halide_cuda_wrap_device_ptr(nullptr, &buffers[wrapped],
-                                                  device_pointers[wrapped]))) {
+        if ((status = ng::cuda_wrap(&buffers[wrapped], device_pointers[wrapped]))) {
             message = "cannot wrap device pointer '" +
                       std::string(kernel->metadata->arguments[wrapped].name) + "'";
             break;
@@ -388,7 +386,7 @@ void ng_plan::run() {
     }
     for (size_t i = 0; i < wrapped; i++) {
         if (args[i] != &buffers[i]) continue;
-        halide_cuda_detach_device_ptr(nullptr, &buffers[i]);
+        ng::cuda_detach(&buffers[i]);
         buffers[i].flags = 0;
     }
     if (status)
