@@ -145,6 +145,7 @@ int main() {
         const ng_status s = ng_plan_create(rt, NG_OP_FORWARD, &t, &p, &plan);
         if (s == NG_NO_DEVICE) {
             std::printf("SKIPPED: %s\n", ng_last_error());
+            ng_runtime_close(rt);
             return 77;
         }
         ng_plan_destroy(plan);
@@ -152,6 +153,7 @@ int main() {
     std::string why;
     if (!load_driver(&why)) {
         std::printf("SKIPPED: %s\n", why.c_str());
+        ng_runtime_close(rt);
         return 77;
     }
 
