@@ -2,6 +2,8 @@
 
 #include "../schedules/cpu_schedule.h"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdio>
 #include <regex>
 #include <stdexcept>
@@ -11,7 +13,8 @@ namespace normgen {
 using namespace Halide;
 
 FixedShape parse_fixed_shape(const std::string &text) {
-    if (text == "generic") return {};
+    ShapeClass cls;
+    if (text == "generic" || parse_shape_class(text, &cls)) return {};
     std::smatch m;
     static const std::regex pattern("n([0-9]+)_c([0-9]+)_s([0-9]+)");
     if (!std::regex_match(text, m, pattern))
@@ -41,10 +44,22 @@ void constrain_channel_vector(OutputImageParam buffer, const FixedShape &shape) 
 
 void schedule_for_target(NormPipeline &p, const Target &target, const std::string &family,
                          const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path) {
+                         const std::string &tuned_json_path, const std::string &knobs_json) {
     const std::string layout = p.view.layout == Layout::Contiguous ? "contig" : "cl";
     std::string entry;
-    CpuKnobs knobs = load_cpu_knobs(tuned_json_path, {family, dtype, layout, shape}, &entry);
+    CpuKnobs knobs;
+    if (!knobs_json.empty()) {
+        nlohmann::json j;
+        try {
+            j = nlohmann::json::parse(knobs_json);
+        } catch (const std::exception &e) {
+            throw std::runtime_error("knobs='" + knobs_json + "' is not valid JSON: " + e.what());
+        }
+        knobs = parse_cpu_knobs(j, "knobs='" + knobs_json + "'");
+        entry = "the knobs parameter";
+    } else {
+        knobs = load_cpu_knobs(tuned_json_path, {family, dtype, layout, shape}, &entry);
+    }
     // Shown in the build log: which tuned entry each kernel was scheduled with.
     std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", family.c_str(),
                  dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(), entry.c_str(),
