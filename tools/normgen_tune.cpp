@@ -12,6 +12,8 @@
 // Every trial is stored in the output file ("tuning"), so re-running continues where the last
 // run stopped and `merge` combines shards. Entries (exact shape, shape class, generic) are
 // derived from the trials; winners are checked against the reference on their real shapes.
+// After the search, the baseline and the winners are re-timed in interleaved rounds
+// (--confirm-rounds) and winners are chosen again from those medians.
 #include "tune/tune_core.h"
 
 #include <nlohmann/json.hpp>
@@ -38,7 +40,8 @@ int usage() {
     std::fprintf(stderr,
                  "usage: normgen tune [--isa sse41|avx2|avx512] [--shapes FILE] "
                  "[--budget-minutes M] [--reps R] [--shard k/n] [--tasks family/layout,...] "
-                 "[--seed N] [-o FILE] [--work-dir DIR] [--generator EXE]\n"
+                 "[--confirm-rounds N] [--confirm-only] [--seed N] [-o FILE] [--work-dir DIR] "
+                 "[--generator EXE]\n"
                  "       normgen tune merge A.json B.json [...] -o OUT.json\n");
     return 2;
 }
@@ -79,13 +82,26 @@ struct Winner {
     double score = 0;
 };
 
-// Trials that passed the check and were timed on every one of `shapes`.
+// The results a trial is ranked by: its confirmation if it has one (see confirm()), else its
+// search-time measurement.
+const json &results_of(const json &trial) {
+    return trial.contains("confirmed") ? trial["confirmed"] : trial["results"];
+}
+
+// Trials that passed the check and were timed on every one of `shapes`. Once a task has
+// confirmed trials, only those compete: a single search-time measurement on this shared
+// machine is noisier than the median of the confirmation rounds, and the luckiest of many
+// noisy measurements would win (the winner's curse).
 std::vector<const json *> usable_trials(const json &trials, const std::vector<std::string> &shapes) {
+    const bool confirmed = std::any_of(trials.begin(), trials.end(), [](const json &t) {
+        return t.contains("confirmed") && !t.contains("rejected");
+    });
     std::vector<const json *> out;
     for (const auto &t : trials) {
         if (t.contains("rejected") || !t.contains("results")) continue;
+        if (confirmed && !t.contains("confirmed")) continue;
         bool all = true;
-        for (const auto &s : shapes) all = all && t["results"].contains(s);
+        for (const auto &s : shapes) all = all && results_of(t).contains(s);
         if (all) out.push_back(&t);
     }
     return out;
@@ -95,7 +111,7 @@ Winner best_over(const json &trials, const std::vector<std::string> &shapes) {
     Winner w;
     for (const json *t : usable_trials(trials, shapes)) {
         std::vector<double> fr;
-        for (const auto &s : shapes) fr.push_back((*t)["results"][s]["frac_cold"].get<double>());
+        for (const auto &s : shapes) fr.push_back(results_of(*t)[s]["frac_cold"].get<double>());
         const double g = geomean(fr);
         if (g > w.score) w = {t, g};
     }
@@ -146,23 +162,25 @@ void derive_entries(json &doc) {
         const json *baseline = nullptr;
         for (const auto &t : state["trials"])
             if (t.value("baseline", false) && t.contains("results")) baseline = &t;
+        const json no_results = json::object();
+        const json &baseline_results = baseline ? results_of(*baseline) : no_results;
         for (const Group &g : groups_of(task_shapes(state))) {
             const Winner w = best_over(state["trials"], g.shapes);
             if (!w.trial) continue;
             json per_shape = json::object();
             std::vector<double> ms, gbps, warm, base;
             for (const auto &s : g.shapes) {
-                const json &r = (*w.trial)["results"][s];
+                const json &r = results_of(*w.trial)[s];
                 per_shape[s] = r;
                 ms.push_back(r["ms_cold"]);
                 gbps.push_back(r["gbps_cold"]);
                 warm.push_back(r["frac_warm"]);
-                if (baseline && (*baseline)["results"].contains(s))
-                    base.push_back((*baseline)["results"][s]["frac_cold"]);
+                if (baseline_results.contains(s)) base.push_back(baseline_results[s]["frac_cold"]);
             }
             json measured = {
                 {"reference", family == "bn_bwd_train" ? "read2_write1" : "copy"},
                 {"fraction_of_reference", w.score},
+                {"confirmed", w.trial->contains("confirmed")},
                 {"fraction_of_reference_warm", geomean(warm)},
                 {"time_ms", g.shapes.size() == 1 ? json(ms[0]) : json(nullptr)},
                 {"gb_per_s", geomean(gbps)},
@@ -204,6 +222,8 @@ struct Options {
     BuildTools tools{NORMGEN_GENERATOR_EXE, NORMGEN_CXX, ""};
     std::string command_line;
     bool output_existed = false;  // the baseline is the knobs the existing file gives
+    int confirm_rounds = 3;       // after the search; 0: none
+    bool confirm_only = false;    // no search: confirm the winners of the existing trials
 };
 
 class TaskSearch {
@@ -240,6 +260,58 @@ public:
         state()["seconds"] = state()["seconds"].get<double>() + used;
         save();
         return used;
+    }
+
+    // Re-times the baseline and every current winner (per shape, per class, generic) on every
+    // shape, interleaved: `rounds` rounds, each timing every candidate once in rotated order,
+    // so that all of them see the same moments of this machine's drifting bandwidth. The median
+    // over rounds becomes the trial's "confirmed" result, by which winners are then chosen.
+    void confirm(int rounds) {
+        std::vector<json *> chosen;
+        auto add = [&](const json &knobs) {
+            for (auto &t : state()["trials"])
+                if (t["knobs"] == knobs && !t.contains("rejected") && t.contains("results") &&
+                    std::find(chosen.begin(), chosen.end(), &t) == chosen.end())
+                    chosen.push_back(&t);
+        };
+        add(state()["baseline_knobs"]);
+        for (const auto &e : doc_["entries"])
+            if (e["family"] == task_.family && e["layout"] == task_.layout && e["dtype"] == "f32")
+                add(e["knobs"]);
+        std::fprintf(stderr, "[%s] confirming %zu candidates, %d interleaved rounds per shape\n",
+                     task_.key().c_str(), chosen.size(), rounds);
+        for (const Shape &s : shapes_) {
+            Workload &w = workload(s);
+            std::vector<std::vector<Workload::Timing>> times(chosen.size());
+            for (int r = 0; r < rounds; r++)
+                for (size_t j = 0; j < chosen.size(); j++) {
+                    const size_t i = (j + size_t(r)) % chosen.size();
+                    ng_plan *plan = make_plan(candidate((*chosen[i])["knobs"]).runtime(), w, task_);
+                    times[i].push_back(w.time(plan, o_.reps));
+                    ng_plan_destroy(plan);
+                }
+            for (size_t i = 0; i < chosen.size(); i++) {
+                auto med = [&](double Workload::Timing::*field) {
+                    std::vector<double> v;
+                    for (const auto &t : times[i]) v.push_back(t.*field);
+                    std::sort(v.begin(), v.end());
+                    return v[v.size() / 2];
+                };
+                json &c = (*chosen[i])["confirmed"];
+                c[s.key()] = {{"frac_cold", med(&Workload::Timing::frac_cold)},
+                              {"frac_warm", med(&Workload::Timing::frac_warm)},
+                              {"ms_cold", med(&Workload::Timing::ms_cold)},
+                              {"ms_warm", med(&Workload::Timing::ms_warm)},
+                              {"gbps_cold", med(&Workload::Timing::gbps_cold)},
+                              {"rounds", rounds}};
+            }
+            std::fprintf(stderr, "[%s] confirmed on %s\n", task_.key().c_str(), s.text().c_str());
+        }
+        // Unconfirmed winners lose their place (usable_trials); the new ones were winners
+        // before, so they are verified on their shapes already; verify_winners() makes sure.
+        derive_entries(doc_);
+        verify_winners();
+        save();
     }
 
 private:
@@ -493,6 +565,8 @@ int run_tune(int argc, char **argv) {
         else if (a == "--shapes") o.shapes_path = value(i);
         else if (a == "--budget-minutes") o.budget_minutes = std::stod(value(i));
         else if (a == "--reps") o.reps = std::stoi(value(i));
+        else if (a == "--confirm-rounds") o.confirm_rounds = std::stoi(value(i));
+        else if (a == "--confirm-only") o.confirm_only = true;
         else if (a == "--seed") o.seed = unsigned(std::stoul(value(i)));
         else if (a == "-o") o.output = value(i);
         else if (a == "--work-dir") o.tools.work_dir = value(i);
@@ -562,7 +636,8 @@ int run_tune(int argc, char **argv) {
         // Time a task leaves unused (its space exhausted) goes to the tasks after it.
         const double share = left / double(mine.size() - i);
         TaskSearch search(o, mine[i], target, shapes, doc, rng);
-        left -= search.run(share);
+        if (!o.confirm_only) left -= search.run(share);
+        if (o.confirm_rounds > 0) search.confirm(o.confirm_rounds);
     }
     doc["tuning"]["runs"].back()["finished"] = utc_now();
     derive_entries(doc);

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <omp.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -434,11 +435,19 @@ void Workload::flush_all() const {
 
 Workload::Timing Workload::time(ng_plan *plan, int reps) {
     const int64_t n = shape_.elements();
+    // Tensors under 1 MiB: the reference runs on one thread. On this oversubscribed 2-core
+    // machine a 2-thread parallel region often waits a time slice (milliseconds) for its second
+    // thread, which swamps a copy of microseconds (measured: 8x32x8x8 "kernel 200x faster than
+    // a copy"); the kernel keeps its own threading, as it would run in use.
+    const bool small = shape_.elements() * sizeof(float) < (size_t(1) << 20);
     auto reference = [&] {
+        const int threads = omp_get_max_threads();
+        if (small) omp_set_num_threads(1);
         if (task_.backward())
             bench::read2_write1_reference(x_, dy_, out_, n);
         else
             bench::copy_reference(x_, out_, n);
+        if (small) omp_set_num_threads(threads);
     };
     auto kernel = [&] { run(plan); };
     // One repetition: cold (reference and kernel each start with every tensor flushed), then
