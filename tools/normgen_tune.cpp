@@ -267,6 +267,9 @@ public:
     // so that all of them see the same moments of this machine's drifting bandwidth. The median
     // over rounds becomes the trial's "confirmed" result, by which winners are then chosen.
     void confirm(int rounds) {
+        // A new confirmation starts from the search's ranking, not the last confirmation's.
+        for (auto &t : state()["trials"]) t.erase("confirmed");
+        derive_entries(doc_);
         std::vector<json *> chosen;
         auto add = [&](const json &knobs) {
             for (auto &t : state()["trials"])

@@ -5,7 +5,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <omp.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -277,6 +276,15 @@ double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
+// The bandwidth references on the calling thread: y = x, or dx = x + dy (dy non-null).
+void serial_reference(const float *__restrict x, const float *__restrict dy, float *__restrict out,
+                      int64_t n) {
+    if (dy)
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] + dy[i];
+    else
+        for (int64_t i = 0; i < n; i++) out[i] = x[i];
+}
+
 double seconds_of(const std::function<void()> &f) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
@@ -440,14 +448,15 @@ Workload::Timing Workload::time(ng_plan *plan, int reps) {
     // thread, which swamps a copy of microseconds (measured: 8x32x8x8 "kernel 200x faster than
     // a copy"); the kernel keeps its own threading, as it would run in use.
     const bool small = shape_.elements() * sizeof(float) < (size_t(1) << 20);
+    // (Changing OpenMP's thread count instead would make the kernel's next parallel loop
+    // rebuild its thread team: measured 1000x slower kernels.)
     auto reference = [&] {
-        const int threads = omp_get_max_threads();
-        if (small) omp_set_num_threads(1);
-        if (task_.backward())
+        if (small)
+            serial_reference(x_, dy_, out_, n);
+        else if (task_.backward())
             bench::read2_write1_reference(x_, dy_, out_, n);
         else
             bench::copy_reference(x_, out_, n);
-        if (small) omp_set_num_threads(threads);
     };
     auto kernel = [&] { run(plan); };
     // One repetition: cold (reference and kernel each start with every tensor flushed), then
