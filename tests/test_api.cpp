@@ -1113,6 +1113,16 @@ TEST(Registry, ExactThenClassThenGeneric) {
         EXPECT_TRUE(contains(d, w.why)) << d;
         EXPECT_EQ(k.forward(plan.get()), NG_OK) << ng_last_error();
     }
+    // NORMGEN_KERNELS=generic (read at open): the generic kernel even for the exact shape.
+    ScopedEnv generic_only("NORMGEN_KERNELS", "generic");
+    ng_runtime *raw_generic = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw_generic), NG_OK) << ng_last_error();
+    RuntimePtr rt_generic(raw_generic);
+    Call k(make_tensor({2, 8, 30}, NG_CONTIGUOUS));
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt_generic.get());
+    ASSERT_TRUE(plan);
+    EXPECT_EQ(chosen_kernel(plan.get()), generic) << ng_plan_describe(plan.get());
+    EXPECT_TRUE(contains(ng_plan_describe(plan.get()), "NORMGEN_KERNELS=generic"));
 }
 
 // A class shape with an empty or malformed range is a package error at open.

@@ -216,6 +216,10 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
             !k.entry)
             continue;
         if (!k.shape.matches(plan->n, plan->c, plan->s)) continue;
+        if (rt->generic_only && k.shape.kind != KernelShape::Generic) {
+            passed_over.push_back(k.name + " (NORMGEN_KERNELS=generic)");
+            continue;
+        }
         std::string missing;
         if (!features_supported(k, rt->cpu, &missing)) {
             passed_over.push_back(k.name + " (needs " + missing +
