@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -643,6 +644,8 @@ int run_tune(int argc, char **argv) {
         if (o.confirm_rounds > 0) search.confirm(o.confirm_rounds);
     }
     doc["tuning"]["runs"].back()["finished"] = utc_now();
+    std::error_code ec;
+    std::filesystem::remove(o.tools.work_dir, ec);  // empty by now: candidates remove their own
     derive_entries(doc);
     write_json(o.output, doc);
     std::fprintf(stderr, "normgen tune: wrote %s (%zu entries)\n", o.output.c_str(),
