@@ -3,6 +3,8 @@
 #include "../schedules/cpu_schedule.h"
 #include "../schedules/cuda_schedule.h"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdio>
 #include <regex>
 #include <stdexcept>
@@ -12,7 +14,8 @@ namespace normgen {
 using namespace Halide;
 
 FixedShape parse_fixed_shape(const std::string &text) {
-    if (text == "generic") return {};
+    ShapeClass cls;
+    if (text == "generic" || parse_shape_class(text, &cls)) return {};
     std::smatch m;
     static const std::regex pattern("n([0-9]+)_c([0-9]+)_s([0-9]+)");
     if (!std::regex_match(text, m, pattern))
@@ -42,23 +45,35 @@ void constrain_channel_vector(OutputImageParam buffer, const FixedShape &shape) 
 
 void schedule_for_target(NormPipeline &p, const Target &target, const std::string &family,
                          const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path, bool emulate_cuda) {
+                         const std::string &tuned_json_path, const std::string &knobs_json,
+                         bool emulate_cuda) {
     const std::string layout = p.view.layout == Layout::Contiguous ? "contig" : "cl";
-    const KnobsKey key{family, dtype, layout, shape};
-    std::string entry, knobs_text;
+    TunedEntry entry;
+    if (!knobs_json.empty()) {
+        try {
+            entry.knobs = nlohmann::json::parse(knobs_json);
+        } catch (const std::exception &e) {
+            throw std::runtime_error("knobs='" + knobs_json + "' is not valid JSON: " + e.what());
+        }
+        entry.chosen = "the knobs parameter";
+        entry.where = "knobs='" + knobs_json + "'";
+    } else {
+        entry = find_tuned_entry(tuned_json_path, {family, dtype, layout, shape});
+    }
+    std::string knobs_text;
     if (target.has_feature(Target::CUDA) || emulate_cuda) {
-        const CudaKnobs knobs = load_cuda_knobs(tuned_json_path, key, &entry);
+        const CudaKnobs knobs = parse_cuda_knobs(entry.knobs, entry.where);
         knobs_text = knobs.to_string();
         schedule_cuda(p, knobs, target);
     } else {
-        const CpuKnobs knobs = load_cpu_knobs(tuned_json_path, key, &entry);
+        const CpuKnobs knobs = parse_cpu_knobs(entry.knobs, entry.where);
         knobs_text = knobs.to_string();
         schedule_cpu(p, knobs, target);
     }
     // Shown in the build log: which tuned entry each kernel was scheduled with.
     std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", family.c_str(),
                  dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(),
-                 entry.c_str(), knobs_text.c_str());
+                 entry.chosen.c_str(), knobs_text.c_str());
 }
 
 void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {

@@ -35,7 +35,9 @@ struct FixedShape {
     bool generic() const { return n == 0; }
 };
 
-// "generic" or "n32_c64_s3136". Throws std::invalid_argument on anything else.
+// "generic" or "n32_c64_s3136"; a shape class key (class_c64to256_s1024to16384) is generic too:
+// class kernels take any shape, only their knobs differ. Throws std::invalid_argument on
+// anything else.
 FixedShape parse_fixed_shape(const std::string &text);
 
 // Constrains a 3-D tensor buffer to the storage the runtime passes: mins 0, innermost stride 1,
@@ -45,11 +47,13 @@ void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const Fixe
 // Constrains a per-channel vector (weight, statistics...) to min 0 and, if known, extent C.
 void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape &shape);
 
-// Schedules the pipeline for the generator's target with the knobs tuned for `family` / `dtype`.
+// Schedules the pipeline for the generator's target with the knobs given as a JSON object
+// (knobs_json, the tuner's way), or else those tuned for `family` / `dtype` / `shape`.
 // emulate_cuda: the CUDA schedule on a CPU target (see schedule_cuda), for testing it.
 void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
                          const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path, bool emulate_cuda);
+                         const std::string &tuned_json_path, const std::string &knobs_json,
+                         bool emulate_cuda);
 
 // Schedules per-channel outputs computed on their own (the running-statistics update).
 void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
@@ -68,6 +72,8 @@ public:
     Halide::GeneratorParam<std::string> tuned{"tuned", ""};         // schedules/tuned/<target>.json
     // The CUDA schedule on a CPU target, its GPU loops emulated: tests its reductions here.
     Halide::GeneratorParam<bool> emulate_cuda{"emulate_cuda", false};
+    // Knob values as a JSON object ({"vectors":2,...}); when set, `tuned` is not read.
+    Halide::GeneratorParam<std::string> knobs{"knobs", ""};
 
 protected:
     using TensorInput = Halide::GeneratorInput<Halide::Buffer<>>;
@@ -127,7 +133,16 @@ protected:
         const std::string dtype_name = dtype == StorageType::F32   ? "f32"
                                        : dtype == StorageType::F16 ? "f16"
                                                                    : "bf16";
-        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned, emulate_cuda);
+// Schedules the pipeline for the generator's target with the knobs given as a JSON object
+// (knobs_json, the tuner's way), or else those tuned for `family` / `dtype` / `shape`.
+// emulate_cuda: the CUDA schedule on a CPU target (see schedule_cuda), for testing it.
+void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
+                         const std::string &dtype, const std::string &shape,
+                         const std::string &tuned_json_path, const std::string &knobs_json,
+                         bool emulate_cuda);
+
+// Schedules per-channel outputs computed on their own (the running-statistics update).
+void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
     }
 };
 

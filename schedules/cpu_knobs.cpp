@@ -14,38 +14,48 @@ std::string CpuKnobs::to_string() const {
     return os.str();
 }
 
-namespace {
+nlohmann::json CpuKnobs::to_json() const {
+    return {{"vectors", vectors},
+            {"stats_per_channel", stats_per_channel},
+            {"channels_per_task", channels_per_task},
+            {"task_elements", task_elements}};
+}
 
-CpuKnobs parse_knobs(const nlohmann::json &j, const std::string &where) {
+bool CpuKnobs::operator==(const CpuKnobs &o) const { return to_json() == o.to_json(); }
+
+CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
     CpuKnobs k;
     auto bad = [&](const std::string &field, const std::string &why) {
         return std::runtime_error(where + ": knob '" + field + "' " + why);
     };
+    if (!j.is_object()) throw std::runtime_error(where + ": knobs must be a JSON object");
     for (const auto &[name, value] : j.items()) {
-        if (name == "vectors") {
-            k.vectors = value.get<int>();
-            if (k.vectors < 1 || k.vectors > 8) throw bad(name, "must be in 1..8");
-        } else if (name == "stats_per_channel") {
-            k.stats_per_channel = value.get<bool>();
-        } else if (name == "channels_per_task") {
-            k.channels_per_task = value.get<int>();
-            if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
-        } else if (name == "task_elements") {
-            k.task_elements = value.get<int>();
-            if (k.task_elements < 1) throw bad(name, "must be >= 1");
-        } else {
-            throw bad(name, "is not a CPU knob");
+        try {
+            if (name == "vectors") {
+                k.vectors = value.get<int>();
+                if (k.vectors < 1 || k.vectors > 8) throw bad(name, "must be in 1..8");
+            } else if (name == "stats_per_channel") {
+                k.stats_per_channel = value.get<bool>();
+            } else if (name == "channels_per_task") {
+                k.channels_per_task = value.get<int>();
+                if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
+            } else if (name == "task_elements") {
+                k.task_elements = value.get<int>();
+                if (k.task_elements < 1) throw bad(name, "must be >= 1");
+            } else {
+                throw bad(name, "is not a CPU knob");
+            }
+        } catch (const nlohmann::json::exception &e) {
+            throw bad(name, std::string("has the wrong type: ") + e.what());
         }
     }
     return k;
 }
 
-}  // namespace
-
 CpuKnobs load_cpu_knobs(const std::string &path, const KnobsKey &key, std::string *chosen_entry) {
     const TunedEntry entry = find_tuned_entry(path, key);
     if (chosen_entry) *chosen_entry = entry.chosen;
-    return parse_knobs(entry.knobs, entry.where);
+    return parse_cpu_knobs(entry.knobs, entry.where);
 }
 
 }  // namespace normgen

@@ -1,4 +1,5 @@
-// The knobs of the CPU schedule and where their values come from (schedules/tuned/<target>.json).
+// The knobs of the CPU schedule and where their values come from (schedules/tuned/<target>.json,
+// or a knobs JSON object given directly, as the tuner does).
 #pragma once
 
 #include "tuned_knobs.h"
@@ -22,11 +23,18 @@ struct CpuKnobs {
     int task_elements = 65536;
 
     std::string to_string() const;
+    nlohmann::json to_json() const;  // every field, in the form parse_cpu_knobs reads
+    bool operator==(const CpuKnobs &o) const;
 };
 
-// Reads the knobs for key from a tuned JSON file: the exact-shape entry if present, else the
-// family's generic entry, else the defaults above. An empty path means the defaults. Throws
-// std::runtime_error naming the file and field on a malformed file or an invalid knob value.
+// The one knob parser: a JSON object of knob values (any subset; the rest keep their defaults).
+// Throws std::runtime_error naming `where` and the field on an unknown knob or a bad value.
+CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where);
+
+// Reads the knobs for key from a tuned JSON file: the entry for key.shape if present; for an
+// exact shape, else the entry of the class holding it; else the family's generic entry, else
+// the defaults above. An empty path means the defaults. Throws std::runtime_error naming the
+// file and field on a malformed file or an invalid knob value.
 CpuKnobs load_cpu_knobs(const std::string &tuned_json_path, const KnobsKey &key,
                         std::string *chosen_entry = nullptr);
 

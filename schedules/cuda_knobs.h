@@ -23,6 +23,8 @@ struct CudaKnobs {
     std::string to_string() const;
 };
 
+// A JSON object of CUDA knob values (any subset). Throws std::runtime_error naming `where`.
+CudaKnobs parse_cuda_knobs(const nlohmann::json &knobs, const std::string &where);
 // As load_cpu_knobs, for the CUDA schedule. Throws std::runtime_error on an invalid knob.
 CudaKnobs load_cuda_knobs(const std::string &tuned_json_path, const KnobsKey &key,
                           std::string *chosen_entry = nullptr);

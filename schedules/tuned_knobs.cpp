@@ -1,9 +1,56 @@
 #include "tuned_knobs.h"
 
 #include <fstream>
+#include <regex>
 #include <stdexcept>
 
 namespace normgen {
+
+std::string ShapeClass::key() const {
+    auto bound = [](int64_t hi) { return hi == 0 ? std::string("inf") : std::to_string(hi); };
+    return "class_c" + std::to_string(c_lo) + "to" + bound(c_hi) + "_s" + std::to_string(s_lo) +
+           "to" + bound(s_hi);
+}
+
+ShapeClass shape_class_of(int64_t c, int64_t s) {
+    static const int64_t c_edges[] = {1, 64, 256, 1024};
+    static const int64_t s_edges[] = {1, 2, 64, 1024, 16384};
+    ShapeClass k;
+    for (size_t i = 0; i < std::size(c_edges); i++)
+        if (c >= c_edges[i]) {
+            k.c_lo = c_edges[i];
+            k.c_hi = i + 1 < std::size(c_edges) ? c_edges[i + 1] : 0;
+        }
+    for (size_t i = 0; i < std::size(s_edges); i++)
+        if (s >= s_edges[i]) {
+            k.s_lo = s_edges[i];
+            k.s_hi = i + 1 < std::size(s_edges) ? s_edges[i + 1] : 0;
+        }
+    return k;
+}
+
+bool parse_shape_class(const std::string &text, ShapeClass *out) {
+    static const std::regex pattern("class_c([0-9]+)to([0-9]+|inf)_s([0-9]+)to([0-9]+|inf)");
+    std::smatch m;
+    if (!std::regex_match(text, m, pattern)) return false;
+    auto bound = [](const std::string &b) { return b == "inf" ? int64_t(0) : std::stoll(b); };
+    *out = {std::stoll(m[1]), bound(m[2]), std::stoll(m[3]), bound(m[4])};
+    return true;
+}
+
+namespace {
+
+// n<N>_c<C>_s<S> -> (C, S); false for anything else.
+bool exact_channels_and_spatial(const std::string &shape, int64_t *c, int64_t *s) {
+    static const std::regex pattern("n[0-9]+_c([0-9]+)_s([0-9]+)");
+    std::smatch m;
+    if (!std::regex_match(shape, m, pattern)) return false;
+    *c = std::stoll(m[1]);
+    *s = std::stoll(m[2]);
+    return true;
+}
+
+}  // namespace
 
 TunedEntry find_tuned_entry(const std::string &path, const KnobsKey &key) {
     TunedEntry found;
@@ -16,25 +63,31 @@ TunedEntry find_tuned_entry(const std::string &path, const KnobsKey &key) {
     } catch (const std::exception &e) {
         throw std::runtime_error("tuned knobs file '" + path + "' is not valid JSON: " + e.what());
     }
-    const nlohmann::json *generic = nullptr;
+    int64_t c = 0, s = 0;
+    const bool exact = exact_channels_and_spatial(key.shape, &c, &s);
+    // Most specialised first: the shape's own entry, its class's (exact shapes), the generic.
+    const nlohmann::json *own = nullptr, *in_class = nullptr, *generic = nullptr;
     try {
         for (const auto &entry : doc.at("entries")) {
             if (entry.at("family") != key.family || entry.at("dtype") != key.dtype ||
                 entry.at("layout") != key.layout)
                 continue;
             const std::string shape = entry.at("shape");
-            if (shape == key.shape) {
-                found.knobs = entry.at("knobs");
-                found.chosen = path + ": " + shape;
-                found.where = path + " [" + key.family + " " + shape + "]";
-                return found;
-            }
-            if (shape == "generic") generic = &entry;
+            ShapeClass cls;
+            if (shape == key.shape)
+                own = &entry;
+            else if (exact && parse_shape_class(shape, &cls) && cls.contains(c, s))
+                in_class = &entry;
+            else if (shape == "generic")
+                generic = &entry;
         }
-        if (generic) {
-            found.knobs = generic->at("knobs");
-            found.chosen = path + ": generic";
-            found.where = path + " [" + key.family + " generic]";
+        for (const nlohmann::json *e : {own, in_class, generic}) {
+            if (!e) continue;
+            const std::string shape = e->at("shape");
+            found.knobs = e->at("knobs");
+            found.chosen = path + ": " + shape;
+            found.where = path + " [" + key.family + " " + shape + "]";
+            return found;
         }
     } catch (const nlohmann::json::exception &e) {
         throw std::runtime_error("tuned knobs file '" + path + "': " + e.what());

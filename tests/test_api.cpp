@@ -1074,14 +1074,19 @@ TEST(Registry, ExactShapeBeforeGeneric) {
         {{32, 512, 7, 7}, NG_CHANNELS_LAST, NG_OP_BACKWARD, 0, "bn_bwd_eval_f32_cl_avx512_n32_c512_s49"},
         // BatchNorm1d (N, C): contiguous, served by the channels-last kernel.
         {{4096, 1024}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_cl_avx512_n4096_c1024_s1"},
-        // Near misses: generic.
-        {{32, 64, 56, 55}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, "bn_fwd_train_f32_contig_avx512"},
-        {{31, 64, 56, 56}, NG_CHANNELS_LAST, NG_OP_FORWARD, 1, "bn_fwd_train_f32_cl_avx512"},
-        {{32, 63, 56, 56}, NG_CONTIGUOUS, NG_OP_BACKWARD, 1, "bn_bwd_train_f32_contig_avx512"},
+        // Near misses: not exact (a tuned shape class's kernel, or generic: expected_kernel).
+        {{32, 64, 56, 55}, NG_CONTIGUOUS, NG_OP_FORWARD, 1, ""},
+        {{31, 64, 56, 56}, NG_CHANNELS_LAST, NG_OP_FORWARD, 1, ""},
+        {{32, 63, 56, 56}, NG_CONTIGUOUS, NG_OP_BACKWARD, 1, ""},
     };
-    for (const Want &w : wants) {
+    for (Want w : wants) {
         const ng_tensor t = make_tensor(w.shape, w.fmt);
         SCOPED_TRACE(shape_string(t));
+        if (w.kernel.empty()) {
+            w.kernel = expected_kernel(w.op == NG_OP_FORWARD ? Family::FwdTrain : Family::BwdTrain,
+                                       t, isa);
+            ASSERT_FALSE(contains(w.kernel, "_n")) << w.kernel;
+        }
         if (contains(w.kernel, "_n") && !has_kernel(w.kernel))
             GTEST_FAIL() << "the package lacks " << w.kernel << " (shapes/resnet50_b32.txt)";
         p.training = w.training;
@@ -1089,8 +1094,87 @@ TEST(Registry, ExactShapeBeforeGeneric) {
         ASSERT_TRUE(plan);
         EXPECT_EQ(chosen_kernel(plan.get()), w.kernel) << ng_plan_describe(plan.get());
         const std::string d = ng_plan_describe(plan.get());
-        EXPECT_TRUE(names(d, contains(w.kernel, "_n") ? "exact" : "generic")) << d;
+        EXPECT_TRUE(names(d, contains(w.kernel, "_n")           ? "exact"
+                             : contains(w.kernel, "_class_") ? "class"
+                                                             : "generic"))
+            << d;
     }
+}
+
+// The selection order on a package made for it: one variant with an exact-shape kernel for
+// 2x8x30, a shape-class kernel for C in [1, 64), S in [2, 64), and its generic kernel (all
+// three the same code: the generic symbol); every other specialised kernel removed. A plan
+// takes exact, then class, then generic, and its description says which and why.
+TEST(Registry, ExactThenClassThenGeneric) {
+    const std::string isa = best_isa(), generic = "bn_fwd_train_f32_contig_" + isa;
+    if (!has_kernel(generic)) GTEST_FAIL() << "the package lacks " << generic;
+    PackageCopy pkg;
+    nlohmann::json m = pkg.manifest();
+    nlohmann::json kept = nlohmann::json::array(), generic_entry;
+    for (const auto &k : m["kernels"]) {
+        if (k["shape"]["kind"] != "generic") continue;
+        kept.push_back(k);
+        if (k["name"] == generic) generic_entry = k;
+    }
+    nlohmann::json exact = generic_entry, in_class = generic_entry;
+    exact["name"] = generic + "_n2_c8_s30";
+    exact["shape"] = {{"kind", "exact"}, {"n", 2}, {"c", 8}, {"s", 30}};
+    in_class["name"] = generic + "_class_c1to64_s2to64";
+    in_class["shape"] = {{"kind", "class"}, {"c_min", 1}, {"c_end", 64}, {"s_min", 2}, {"s_end", 64}};
+    kept.push_back(exact);
+    kept.push_back(in_class);
+    m["kernels"] = kept;
+    pkg.write_manifest(m);
+    ScopedEnv cap("NORMGEN_ISA", isa.c_str());
+    ng_runtime *raw = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
+    RuntimePtr rt(raw);
+    struct Want {
+        std::vector<int64_t> shape;
+        std::string kernel, word, why;
+    };
+    const std::vector<Want> wants = {
+        {{2, 8, 30}, exact["name"], "exact", "tuned for exactly this shape"},
+        {{2, 8, 5, 6}, exact["name"], "exact", "tuned for exactly this shape"},  // S = 30 too
+        {{3, 8, 30}, in_class["name"], "class", "no exact-shape kernel"},   // N differs
+        {{2, 63, 2}, in_class["name"], "class", "no exact-shape kernel"},   // the class's corner
+        {{2, 64, 30}, generic, "generic", "no exact-shape or shape-class kernel"},  // C = c_end
+        {{2, 8, 64}, generic, "generic", "no exact-shape or shape-class kernel"},   // S = s_end
+    };
+    for (const Want &w : wants) {
+        Call k(make_tensor(w.shape, NG_CONTIGUOUS));
+        SCOPED_TRACE(shape_string(k.t));
+        PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt.get());
+        ASSERT_TRUE(plan);
+        const std::string d = ng_plan_describe(plan.get());
+        EXPECT_EQ(chosen_kernel(plan.get()), w.kernel) << d;
+        EXPECT_TRUE(names(d, w.word)) << d;
+        EXPECT_TRUE(contains(d, w.why)) << d;
+        EXPECT_EQ(k.forward(plan.get()), NG_OK) << ng_last_error();
+    }
+    // NORMGEN_KERNELS=generic (read at open): the generic kernel even for the exact shape.
+    ScopedEnv generic_only("NORMGEN_KERNELS", "generic");
+    ng_runtime *raw_generic = nullptr;
+    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw_generic), NG_OK) << ng_last_error();
+    RuntimePtr rt_generic(raw_generic);
+    Call k(make_tensor({2, 8, 30}, NG_CONTIGUOUS));
+    PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt_generic.get());
+    ASSERT_TRUE(plan);
+    EXPECT_EQ(chosen_kernel(plan.get()), generic) << ng_plan_describe(plan.get());
+    EXPECT_TRUE(contains(ng_plan_describe(plan.get()), "NORMGEN_KERNELS=generic"));
+}
+
+// A class shape with an empty or malformed range is a package error at open.
+TEST(Package, MalformedClassShape) {
+    PackageCopy pkg;
+    nlohmann::json m = pkg.manifest();
+    m["kernels"][0]["shape"] = {{"kind", "class"}, {"c_min", 64}, {"c_end", 64}, {"s_min", 1},
+                                {"s_end", nullptr}};
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"class"}));
+    m["kernels"][0]["shape"] = {{"kind", "class"}, {"c_min", 1}, {"c_end", 64}};
+    pkg.write_manifest(m);
+    EXPECT_TRUE(open_fails(pkg.dir(), NG_PACKAGE_ERROR, {"s_min"}));
 }
 
 // NORMGEN_ISA caps the level: a ResNet shape then runs the capped ISA's generic kernel, and the

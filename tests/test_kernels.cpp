@@ -445,12 +445,15 @@ FusedOps fused_of(const nlohmann::json &e) {
 // kernel of the manifest is covered by a table (so a new family, dtype, fusion or ISA cannot go
 // untested).
 TEST(KernelCoverage, TableCoversEveryGenericKernel) {
+    // A shape inside a tuned class runs the class kernel (ClassShapeTest covers those); it is
+    // the same variant as the generic one with other knobs, so it counts for the generic here.
+    auto variant = [](const std::string &name) { return name.substr(0, name.find("_class_")); };
     std::set<std::string> covered;
     for (const auto &k : kernel_cases())
-        covered.insert(expected_kernel(k.family, make_tensor(k.shape, k.format), k.isa));
+        covered.insert(variant(expected_kernel(k.family, make_tensor(k.shape, k.format), k.isa)));
     for (const auto &k : variant_cases())
-        covered.insert(
-            expected_kernel(k.family, make_tensor(k.shape, k.format, k.dtype), k.isa, k.fused));
+        covered.insert(variant(
+            expected_kernel(k.family, make_tensor(k.shape, k.format, k.dtype), k.isa, k.fused)));
     std::set<std::string> in_manifest;
     for (const auto &e : manifest().at("kernels"))
         if (e.at("shape").at("kind") == "generic" && e.at("arch") == host_arch() &&
@@ -493,10 +496,17 @@ TEST(KernelCoverage, NamesFollowFields) {
                            layout + (fusion.empty() ? "" : "_" + fusion) + "_" +
                            e.at("isa").get<std::string>();
         const auto &shape = e.at("shape");
+        auto end = [](const nlohmann::json &e) {
+            return e.is_null() ? std::string("inf") : std::to_string(e.get<int64_t>());
+        };
         if (shape.at("kind") == "exact")
             want += "_n" + std::to_string(shape.at("n").get<int64_t>()) + "_c" +
                     std::to_string(shape.at("c").get<int64_t>()) + "_s" +
                     std::to_string(shape.at("s").get<int64_t>());
+        else if (shape.at("kind") == "class")
+            want += "_class_c" + std::to_string(shape.at("c_min").get<int64_t>()) + "to" +
+                    end(shape.at("c_end")) + "_s" + std::to_string(shape.at("s_min").get<int64_t>()) +
+                    "to" + end(shape.at("s_end"));
         else
             ASSERT_EQ(shape.at("kind"), "generic");
         EXPECT_EQ(name, want);
@@ -594,6 +604,62 @@ TEST(ExactShapeCoverage, EveryExactKernelIsTested) {
     }
     EXPECT_EQ(covered, kernels);
 }
+
+// ---- Shape-class kernels: each once, on a shape inside its class ---------------------------
+
+struct ClassCase {
+    std::string name, isa, layout;
+    Family family;
+    int64_t n, c, s;
+};
+
+// A shape in the class that no exact kernel has: C and S one past the class's minimum where the
+// class allows (odd extents), N = 2 (1 for large slices, 5 with S = 1).
+std::vector<ClassCase> class_cases() {
+    std::vector<ClassCase> cases;
+    try {
+        for (const auto &e : manifest().at("kernels")) {
+            const auto &shape = e.at("shape");
+            if (shape.at("kind") != "class") continue;
+            const auto family = family_of(e);
+            if (!family || e.at("dtype") != "f32" || e.at("activation") != "none" ||
+                e.at("residual").get<bool>())
+                continue;  // class kernels are tuned for plain f32 only
+            auto inside = [&](const char *lo, const char *hi) {
+                const int64_t min = shape.at(lo), next = min + 1;
+                return shape.at(hi).is_null() || next < shape.at(hi).get<int64_t>() ? next : min;
+            };
+            const int64_t c = inside("c_min", "c_end"), s = inside("s_min", "s_end");
+            const int64_t n = s == 1 ? 5 : c * s > (int64_t(1) << 20) ? 1 : 2;
+            cases.push_back({e.at("name"), e.at("isa"), e.at("layout"), *family, n, c, s});
+        }
+    } catch (const std::exception &) {
+        // An unreadable manifest fails elsewhere.
+    }
+    return cases;
+}
+
+class ClassShapeTest : public ::testing::TestWithParam<ClassCase> {};
+
+TEST_P(ClassShapeTest, MatchesReference) {
+    const ClassCase &k = GetParam();
+    if (!cpu_supports(k.isa)) GTEST_SKIP() << "this CPU cannot run " << k.isa;
+    ng_runtime *rt = runtime_for_isa(k.isa);
+    ASSERT_NE(rt, nullptr);
+    const ng_tensor t = k.s == 1 ? make_tensor({k.n, k.c}, NG_CONTIGUOUS)
+                                 : make_tensor({k.n, k.c, k.s},
+                                               k.layout == "cl" ? NG_CHANNELS_LAST : NG_CONTIGUOUS);
+    ASSERT_EQ(kernel_layout(t), k.layout);
+    // The plan must choose this class kernel (check_family asserts expected_kernel's choice).
+    ASSERT_EQ(expected_kernel(k.family, t, k.isa), k.name);
+    check_family(rt, k.isa, k.family, make_data(t, uint64_t(k.c * 1009 + k.s)), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Classes, ClassShapeTest, ::testing::ValuesIn(class_cases()),
+                         [](const ::testing::TestParamInfo<ClassCase> &info) {
+                             return info.param.name;
+                         });
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(ClassShapeTest);
 
 // ---- Round to nearest even, bit for bit ----------------------------------------------------
 

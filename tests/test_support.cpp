@@ -245,9 +245,21 @@ std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa
                                 level;
     const std::string exact = generic + "_n" + std::to_string(v.n) + "_c" + std::to_string(v.c) +
                               "_s" + std::to_string(v.s);
-    for (const auto &k : manifest().at("kernels"))
-        if (k.at("name") == exact) return exact;
-    return generic;
+    // Exact shape, else a shape class holding (C, S), else generic (the runtime's order).
+    std::string in_class;
+    for (const auto &k : manifest().at("kernels")) {
+        const std::string name = k.at("name");
+        if (name == exact) return exact;
+        const auto &shape = k.at("shape");
+        if (shape.at("kind") != "class" || name.rfind(generic + "_class_", 0) != 0) continue;
+        auto below = [](const nlohmann::json &end, int64_t x) {
+            return end.is_null() || x < end.get<int64_t>();
+        };
+        if (v.c >= shape.at("c_min").get<int64_t>() && below(shape.at("c_end"), v.c) &&
+            v.s >= shape.at("s_min").get<int64_t>() && below(shape.at("s_end"), v.s))
+            in_class = name;
+    }
+    return in_class.empty() ? generic : in_class;
 }
 
 uint64_t Rng::next() {

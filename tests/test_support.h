@@ -97,8 +97,9 @@ bool family_training(Family f);
 // with S == 1 (their memory is channels-last); "contig" otherwise.
 std::string kernel_layout(const ng_tensor &t);
 // The kernel a plan must choose: the exact-shape kernel for (family, dtype, layout, fusion, isa,
-// N, C, S) if the manifest has one, else the generic kernel of that ISA (or, where that level
-// has no kernels of the dtype, of the best level below it). Names are
+// N, C, S) if the manifest has one, else the shape-class kernel whose class holds (C, S)
+// (<name>_class_c<lo>to<hi>_s<lo>to<hi>), else the generic kernel of that ISA (or, where that
+// level has no kernels of the dtype, of the best level below it). Names are
 // <family>_<dtype>_<layout>[_<fusion>]_<isa>[_n<N>_c<C>_s<S>]; the dtype is t.dtype.
 std::string expected_kernel(Family f, const ng_tensor &t, const std::string &isa,
                             const FusedOps &fused = {});

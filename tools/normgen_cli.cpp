@@ -1,5 +1,6 @@
 // normgen — the command line.
 //   normgen info [package_dir]               what a package holds and what this CPU can run
+//   normgen tune [options] | tune merge ...  autotuning (runs normgen-tune, beside this binary)
 //   normgen run  [options]                   run one op through the runtime on random data,
 //                                            check it against the float64 reference, time it
 //     --op forward|backward  --shape 32x64x56x56  --format contig|cl  --dtype f32|f16|bf16
@@ -11,7 +12,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
+#include <unistd.h>
 #include <random>
 #include <sstream>
 #include <string>
@@ -35,6 +38,8 @@ struct RunOptions {
 int usage() {
     std::fprintf(stderr,
                  "usage: normgen info [package_dir]\n"
+                 "       normgen tune [--isa ISA] [--shapes FILE] [--budget-minutes M] ... "
+                 "(normgen tune --help)\n"
                  "       normgen run [--op forward|backward] [--shape 32x64x56x56] "
                  "[--format contig|cl] [--dtype f32|f16|bf16] [--relu] [--residual] [--eval] "
                  "[--no-affine] [--reps N] [--package DIR] [--seed N]\n");
@@ -243,6 +248,20 @@ int run(const RunOptions &o) {
 int main(int argc, char **argv) {
     if (argc < 2) return usage();
     const std::string command = argv[1];
+    if (command == "tune") {
+        // The tuner is its own executable (it builds kernels with the generators); exec it.
+        char self[4096];
+        const ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+        std::string dir = len > 0 ? std::string(self, size_t(len)) : std::string(argv[0]);
+        dir = dir.substr(0, dir.rfind('/') + 1);
+        const std::string tuner = dir + "normgen-tune";
+        std::vector<char *> args = {const_cast<char *>(tuner.c_str())};
+        for (int i = 2; i < argc; i++) args.push_back(argv[i]);
+        args.push_back(nullptr);
+        execv(tuner.c_str(), args.data());
+        std::fprintf(stderr, "normgen tune: cannot run %s: %s\n", tuner.c_str(), std::strerror(errno));
+        return 1;
+    }
     try {
         if (command == "info") {
             normgen::Runtime rt(argc > 2 ? argv[2] : nullptr);

@@ -101,6 +101,12 @@ ng_status ng_runtime_open(const char *package_dir, ng_runtime **out_runtime) {
         ng::install_halide_hooks();
         auto rt = std::make_unique<ng_runtime>();
         rt->cpu = ng::detect_cpu(std::getenv("NORMGEN_ISA"));
+        if (const char *k = std::getenv("NORMGEN_KERNELS"); k && *k) {
+            if (std::string(k) != "generic")
+                ng::fail(NG_INVALID_ARGUMENT, "NORMGEN_KERNELS=", k,
+                         ": expected 'generic' (or unset: the most specialised kernel)");
+            rt->generic_only = true;
+        }
         const std::string dir = package_dir ? package_dir : ng::default_package_dir();
         rt->package = ng::Package::open(dir, rt->cpu.arch);
         std::ostringstream os;

@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <sys/stat.h>
 
 namespace ng {
@@ -42,8 +43,26 @@ KernelShape parse_shape(const json &entry, const std::string &where) {
     KernelShape shape;
     const std::string kind = field_string(*it, "kind", where + " shape");
     if (kind == "generic") return shape;
+    if (kind == "class") {
+        shape.kind = KernelShape::Class;
+        // Bounds: positive integers; an end may be null (unbounded) and is past its min.
+        for (auto [field, value, may_be_null] :
+             {std::tuple{"c_min", &shape.c_min, false}, {"c_end", &shape.c_end, true},
+              {"s_min", &shape.s_min, false}, {"s_end", &shape.s_end, true}}) {
+            auto v = it->find(field);
+            if (v != it->end() && v->is_null() && may_be_null) continue;
+            if (v == it->end() || !v->is_number_integer() || v->get<int64_t>() < 1)
+                fail(NG_PACKAGE_ERROR, where, ": class shape needs a positive integer '", field,
+                     "'", may_be_null ? " (or null: unbounded)" : "");
+            *value = v->get<int64_t>();
+        }
+        if ((shape.c_end && shape.c_end <= shape.c_min) || (shape.s_end && shape.s_end <= shape.s_min))
+            fail(NG_PACKAGE_ERROR, where, ": class shape has an empty range");
+        return shape;
+    }
     if (kind != "exact")
-        fail(NG_PACKAGE_ERROR, where, ": shape kind '", kind, "' is not 'generic' or 'exact'");
+        fail(NG_PACKAGE_ERROR, where, ": shape kind '", kind,
+             "' is not 'generic', 'class' or 'exact'");
     shape.kind = KernelShape::Exact;
     for (auto [field, value] : {std::pair{"n", &shape.n}, {"c", &shape.c}, {"s", &shape.s}}) {
         auto v = it->find(field);
@@ -83,6 +102,11 @@ bool is_directory(const std::string &path) {
 
 std::string Kernel::describe_shape() const {
     if (shape.kind == KernelShape::Generic) return "generic";
+    if (shape.kind == KernelShape::Class) {
+        auto end = [](int64_t e) { return e ? std::to_string(e) : std::string("inf"); };
+        return "class C in [" + std::to_string(shape.c_min) + ", " + end(shape.c_end) +
+               "), S in [" + std::to_string(shape.s_min) + ", " + end(shape.s_end) + ")";
+    }
     return "exact n" + std::to_string(shape.n) + " c" + std::to_string(shape.c) + " s" +
            std::to_string(shape.s);
 }

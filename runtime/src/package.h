@@ -14,9 +14,20 @@
 
 namespace ng {
 
+// What a kernel is specialised for: any shape; one exact (N, C, S); or a shape class, the
+// half-open buckets C in [c_min, c_end), S in [s_min, s_end) (end 0: unbounded), a generic
+// kernel scheduled with knobs tuned for that class.
 struct KernelShape {
-    enum Kind { Generic, Exact } kind = Generic;
+    enum Kind { Generic, Class, Exact } kind = Generic;
     int64_t n = 0, c = 0, s = 0;
+    int64_t c_min = 0, c_end = 0, s_min = 0, s_end = 0;
+    bool matches(int64_t n_, int64_t c_, int64_t s_) const {
+        if (kind == Exact) return n == n_ && c == c_ && s == s_;
+        if (kind == Class)
+            return c_ >= c_min && (c_end == 0 || c_ < c_end) && s_ >= s_min &&
+                   (s_end == 0 || s_ < s_end);
+        return true;
+    }
 };
 
 struct Kernel {

@@ -254,7 +254,12 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const std::string activation = params->activation == NG_ACT_RELU ? "relu" : "none";
     const bool residual = params->residual != 0;
 
-    // Best ISA (most features) or CUDA capability first, then exact shape before generic.
+    // Best ISA (most features) or CUDA capability first, then the most specialised shape:
+    // exact, then shape class, then generic. Kernels specialised for other shapes are not
+    // candidates at all.
+    auto specialisation = [](const Kernel &k) {
+        return k.shape.kind == KernelShape::Exact ? 2 : k.shape.kind == KernelShape::Class ? 1 : 0;
+    };
     const Kernel *best = nullptr;
     int best_rank = -1;
     std::vector<std::string> passed_over;
@@ -263,9 +268,11 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
             k.activation != activation || k.residual != residual ||
             k.device != (on_cuda ? "cuda" : "cpu") || !k.entry)
             continue;
-        const bool exact = k.shape.kind == KernelShape::Exact;
-        if (exact && (k.shape.n != plan->n || k.shape.c != plan->c || k.shape.s != plan->s))
+        if (!k.shape.matches(plan->n, plan->c, plan->s)) continue;
+        if (rt->generic_only && k.shape.kind != KernelShape::Generic) {
+            passed_over.push_back(k.name + " (NORMGEN_KERNELS=generic)");
             continue;
+        }
         int level;
         if (on_cuda) {
             level = cuda_capability(k);
@@ -285,7 +292,7 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
             }
             level = static_cast<int>(k.features.size());
         }
-        const int rank = level * 2 + (exact ? 1 : 0);
+        const int rank = level * 3 + specialisation(k);
         if (rank > best_rank) {
             if (best) passed_over.push_back(best->name + " (a better kernel matches)");
             best = &k;
@@ -306,8 +313,14 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
              }());
     plan->kernel = best;
     std::ostringstream why;
-    why << best->name << ": " << best->describe_shape() << " kernel, " << best->isa
-        << ", chosen for " << plan->description;
+    // Why this specialisation: exact shape, else shape class, else generic.
+    const char *because = best->shape.kind == KernelShape::Exact
+                              ? "tuned for exactly this shape"
+                          : best->shape.kind == KernelShape::Class
+                              ? "no exact-shape kernel; this shape is in the tuned class"
+                              : "no exact-shape or shape-class kernel for this shape";
+    why << best->name << ": " << best->describe_shape() << " kernel (" << because << "), "
+        << best->isa << ", chosen for " << plan->description;
     if (!passed_over.empty()) {
         why << "; passed over:";
         for (const auto &p : passed_over) why << " " << p << ";";

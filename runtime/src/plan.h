@@ -36,6 +36,9 @@ struct ng_runtime {
     std::unique_ptr<ng::Package> package;
     ng::CpuInfo cpu;
     std::string description;
+    // NORMGEN_KERNELS=generic at open: plans ignore exact-shape and shape-class kernels (to
+    // measure what tuning and specialisation bring; bench/ and scripts/bench-tuned use it).
+    bool generic_only = false;
 };
 
 struct ng_plan {

@@ -1,0 +1,77 @@
+// The tuner's safety net: a candidate kernel is timed only after it matched the float64
+// reference, so a wrong candidate must be rejected. Builds two real candidates with the
+// generator (about a second each): a correct one, and a deliberately wrong one (generated with
+// a fused ReLU but offered as plain BatchNorm: a plausible build mistake), plus tampered
+// outputs of a correct one; and checks the shape-class buckets tuned entries are keyed by.
+#include "../tools/tune/tune_core.h"
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+namespace normgen::tune {
+namespace {
+
+BuildTools tools() {
+    return {NORMGEN_GENERATOR_EXE, NORMGEN_CXX, "/tmp/normgen-test-tuner-" + std::to_string(getpid())};
+}
+
+const Task kFwdTrain{"bn_fwd_train", "contig"};
+
+TEST(Tuner, CorrectCandidatePassesTheReferenceCheck) {
+    auto cand = Candidate::build(tools(), kFwdTrain, isa_target(best_host_isa()), CpuKnobs{});
+    EXPECT_EQ(check_candidate(*cand, kFwdTrain, check_shapes()), "");
+    const Task cl_bwd{"bn_bwd_train", "cl"};
+    CpuKnobs knobs;
+    knobs.vectors = 2;
+    knobs.task_elements = 4096;
+    auto bwd = Candidate::build(tools(), cl_bwd, isa_target(best_host_isa()), knobs);
+    EXPECT_EQ(check_candidate(*bwd, cl_bwd, check_shapes()), "");
+}
+
+TEST(Tuner, WrongCandidateIsRejected) {
+    // The generator's activation=relu makes y = max(bn(x), 0): wrong for plain BatchNorm
+    // wherever bn(x) < 0, i.e. about half of the elements.
+    auto wrong = Candidate::build(tools(), kFwdTrain, isa_target(best_host_isa()), CpuKnobs{},
+                                  {"activation=relu"});
+    const std::string why = check_candidate(*wrong, kFwdTrain, check_shapes());
+    EXPECT_NE(why.find("y["), std::string::npos) << "rejection reason: '" << why << "'";
+}
+
+TEST(Tuner, TamperedOutputIsRejected) {
+    auto cand = Candidate::build(tools(), kFwdTrain, isa_target(best_host_isa()), CpuKnobs{});
+    const Shape shape = Shape::from_dims({2, 37, 29});
+    Workload w(kFwdTrain, shape, 5);
+    ng_plan *plan = make_plan(cand->runtime(), w, kFwdTrain);
+    w.run(plan);
+    ng_plan_destroy(plan);
+    ASSERT_EQ(w.compare_with_reference(), "");
+    // One element off by 1e-4 (of values of order 1): 10x the tolerance, far above fp32 error.
+    w.y_or_dx()[shape.elements() / 2] += 1e-4f;
+    EXPECT_NE(w.compare_with_reference(), "");
+}
+
+TEST(Tuner, ShapeClassBuckets) {
+    EXPECT_EQ(shape_class_of(64, 3136).key(), "class_c64to256_s1024to16384");
+    EXPECT_EQ(shape_class_of(2048, 49).key(), "class_c1024toinf_s2to64");
+    EXPECT_EQ(shape_class_of(1024, 1).key(), "class_c1024toinf_s1to2");
+    EXPECT_EQ(shape_class_of(32, 131072).key(), "class_c1to64_s16384toinf");
+    ShapeClass parsed;
+    ASSERT_TRUE(parse_shape_class("class_c64to256_s1024to16384", &parsed));
+    EXPECT_TRUE(parsed == shape_class_of(255, 1024));
+    EXPECT_FALSE(parsed.contains(256, 1024));
+    EXPECT_FALSE(parse_shape_class("n32_c64_s3136", &parsed));
+}
+
+TEST(Tuner, KnobsRoundTripThroughTheOneParser) {
+    CpuKnobs k;
+    k.vectors = 4;
+    k.stats_per_channel = false;
+    k.channels_per_task = 8;
+    EXPECT_TRUE(parse_cpu_knobs(k.to_json(), "test") == k);
+    EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"vectors", 0}}, "test"), std::runtime_error);
+    EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"no_such_knob", 1}}, "test"), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace normgen::tune
