@@ -2,9 +2,8 @@
 // or a knobs JSON object given directly, as the tuner does).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace normgen {
