@@ -9,12 +9,10 @@
 //
 // Run: build/bin/bench_dispatch (-DNORMGEN_BUILD_BENCH=ON); NORMGEN_NUM_THREADS=1 keeps the
 // kernel's parallel loop on the calling thread, so the figures are dispatch, not thread wake-ups.
-#include <normgen/normgen.h>
-
 #include <HalideRuntime.h>
 #include <benchmark/benchmark.h>
-
 #include <dlfcn.h>
+#include <normgen/normgen.h>
 
 #include <cstring>
 #include <stdexcept>
@@ -30,9 +28,9 @@ struct Fixture {
     ng_plan *plan = nullptr;
     ng_tensor t{3, {kN, kC, kS, 0, 0}, NG_CONTIGUOUS, NG_F32, NG_CPU};
     ng_batch_norm_params params = ng_batch_norm_params_default();
-    std::vector<float> x = std::vector<float>(kN * kC * kS), y = x, weight = std::vector<float>(kC, 1),
-                       bias = std::vector<float>(kC, 0), rm = bias, rv = weight, mean = bias,
-                       invstd = bias, var = bias;
+    std::vector<float> x = std::vector<float>(kN * kC * kS), y = x,
+                       weight = std::vector<float>(kC, 1), bias = std::vector<float>(kC, 0),
+                       rm = bias, rv = weight, mean = bias, invstd = bias, var = bias;
     int64_t batches = 0;
     double eps = 1e-5;
     // The bare kernel: entry point and argv built once from its Halide metadata.
@@ -47,10 +45,11 @@ struct Fixture {
         if (ng_plan_create(rt, NG_OP_FORWARD, &t, &params, &plan) != NG_OK)
             throw std::runtime_error(ng_last_error());
         // The kernel the plan chose (first word of its description), from the same file.
-        const std::string chosen = std::string(ng_plan_describe(plan)).substr(
-            0, std::string(ng_plan_describe(plan)).find(':'));
+        const std::string chosen = std::string(ng_plan_describe(plan))
+                                       .substr(0, std::string(ng_plan_describe(plan)).find(':'));
         std::string isa = chosen.substr(chosen.rfind('_') + 1);
-        const std::string file = std::string(NORMGEN_BENCH_PACKAGE_DIR) + "/libkernels_x86-64-" + isa + ".so";
+        const std::string file =
+            std::string(NORMGEN_BENCH_PACKAGE_DIR) + "/libkernels_x86-64-" + isa + ".so";
         void *lib = dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (!lib) throw std::runtime_error(dlerror());
         entry = reinterpret_cast<int (*)(void **)>(dlsym(lib, (chosen + "_argv").c_str()));
@@ -76,11 +75,11 @@ struct Fixture {
             else
                 dims[i] = {{0, kC, 1, 0}};
             b.dim = dims[i].data();
-            float *host = name == "x"       ? x.data()
-                          : name == "y"     ? y.data()
-                          : name == "weight" ? weight.data()
-                          : name == "bias"  ? bias.data()
-                          : name == "save_mean" ? mean.data()
+            float *host = name == "x"             ? x.data()
+                          : name == "y"           ? y.data()
+                          : name == "weight"      ? weight.data()
+                          : name == "bias"        ? bias.data()
+                          : name == "save_mean"   ? mean.data()
                           : name == "save_invstd" ? invstd.data()
                                                   : var.data();  // batch_var
             b.host = reinterpret_cast<uint8_t *>(host);
@@ -93,7 +92,8 @@ struct Fixture {
     }
     void call(ng_plan *p) {
         if (ng_batch_norm_forward(p, x.data(), nullptr, y.data(), weight.data(), bias.data(),
-                                  rm.data(), rv.data(), &batches, mean.data(), invstd.data()) != NG_OK)
+                                  rm.data(), rv.data(), &batches, mean.data(),
+                                  invstd.data()) != NG_OK)
             throw std::runtime_error(ng_last_error());
     }
 };

@@ -133,16 +133,8 @@ protected:
         const std::string dtype_name = dtype == StorageType::F32   ? "f32"
                                        : dtype == StorageType::F16 ? "f16"
                                                                    : "bf16";
-// Schedules the pipeline for the generator's target with the knobs given as a JSON object
-// (knobs_json, the tuner's way), or else those tuned for `family` / `dtype` / `shape`.
-// emulate_cuda: the CUDA schedule on a CPU target (see schedule_cuda), for testing it.
-void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
-                         const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path, const std::string &knobs_json,
-                         bool emulate_cuda);
-
-// Schedules per-channel outputs computed on their own (the running-statistics update).
-void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
+        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned, knobs,
+                            emulate_cuda);
     }
 };
 

@@ -3,17 +3,17 @@
 // generator (about a second each): a correct one, and a deliberately wrong one (generated with
 // a fused ReLU but offered as plain BatchNorm: a plausible build mistake), plus tampered
 // outputs of a correct one; and checks the shape-class buckets tuned entries are keyed by.
-#include "../tools/tune/tune_core.h"
-
 #include <gtest/gtest.h>
-
 #include <unistd.h>
+
+#include "../tools/tune/tune_core.h"
 
 namespace normgen::tune {
 namespace {
 
 BuildTools tools() {
-    return {NORMGEN_GENERATOR_EXE, NORMGEN_CXX, "/tmp/normgen-test-tuner-" + std::to_string(getpid())};
+    return {NORMGEN_GENERATOR_EXE, NORMGEN_CXX,
+            "/tmp/normgen-test-tuner-" + std::to_string(getpid())};
 }
 
 const Task kFwdTrain{"bn_fwd_train", "contig"};

@@ -14,9 +14,7 @@
 // derived from the trials; winners are checked against the reference on their real shapes.
 // After the search, the baseline and the winners are re-timed in interleaved rounds
 // (--confirm-rounds) and winners are chosen again from those medians.
-#include "tune/tune_core.h"
-
-#include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,11 +23,13 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <set>
 #include <sstream>
-#include <unistd.h>
+
+#include "tune/tune_core.h"
 
 namespace {
 
@@ -93,7 +93,8 @@ const json &results_of(const json &trial) {
 // confirmed trials, only those compete: a single search-time measurement on this shared
 // machine is noisier than the median of the confirmation rounds, and the luckiest of many
 // noisy measurements would win (the winner's curse).
-std::vector<const json *> usable_trials(const json &trials, const std::vector<std::string> &shapes) {
+std::vector<const json *> usable_trials(const json &trials,
+                                        const std::vector<std::string> &shapes) {
     const bool confirmed = std::any_of(trials.begin(), trials.end(), [](const json &t) {
         return t.contains("confirmed") && !t.contains("rejected");
     });
@@ -178,21 +179,20 @@ void derive_entries(json &doc) {
                 warm.push_back(r["frac_warm"]);
                 if (baseline_results.contains(s)) base.push_back(baseline_results[s]["frac_cold"]);
             }
-            json measured = {
-                {"reference", family == "bn_bwd_train" ? "read2_write1" : "copy"},
-                {"fraction_of_reference", w.score},
-                {"confirmed", w.trial->contains("confirmed")},
-                {"fraction_of_reference_warm", geomean(warm)},
-                {"time_ms", g.shapes.size() == 1 ? json(ms[0]) : json(nullptr)},
-                {"gb_per_s", geomean(gbps)},
-                {"verified_on_shape",
-                 std::all_of(g.shapes.begin(), g.shapes.end(),
-                             [&](const std::string &s) {
-                                 return w.trial->contains("verified") &&
-                                        std::count((*w.trial)["verified"].begin(),
-                                                   (*w.trial)["verified"].end(), s);
-                             })},
-                {"machine", w.trial->value("machine", machine)}};
+            json measured = {{"reference", family == "bn_bwd_train" ? "read2_write1" : "copy"},
+                             {"fraction_of_reference", w.score},
+                             {"confirmed", w.trial->contains("confirmed")},
+                             {"fraction_of_reference_warm", geomean(warm)},
+                             {"time_ms", g.shapes.size() == 1 ? json(ms[0]) : json(nullptr)},
+                             {"gb_per_s", geomean(gbps)},
+                             {"verified_on_shape",
+                              std::all_of(g.shapes.begin(), g.shapes.end(),
+                                          [&](const std::string &s) {
+                                              return w.trial->contains("verified") &&
+                                                     std::count((*w.trial)["verified"].begin(),
+                                                                (*w.trial)["verified"].end(), s);
+                                          })},
+                             {"machine", w.trial->value("machine", machine)}};
             if (base.size() == g.shapes.size()) {
                 measured["baseline_knobs"] = (*baseline)["knobs"];
                 measured["baseline_fraction"] = geomean(base);
@@ -334,7 +334,8 @@ private:
     json random_knobs() {
         json k = json::object();
         for (const auto &c : space_)
-            k[c.name] = c.values[std::uniform_int_distribution<size_t>(0, c.values.size() - 1)(rng_)];
+            k[c.name] =
+                c.values[std::uniform_int_distribution<size_t>(0, c.values.size() - 1)(rng_)];
         return k;
     }
 
@@ -355,9 +356,9 @@ private:
     std::optional<json> next_candidate() {
         if (!state().contains("baseline_knobs")) {
             std::string entry;
-            const CpuKnobs base = load_cpu_knobs(
-                o_.output_existed ? o_.output : "", {task_.family, "f32", task_.layout, "generic"},
-                &entry);
+            const CpuKnobs base =
+                load_cpu_knobs(o_.output_existed ? o_.output : "",
+                               {task_.family, "f32", task_.layout, "generic"}, &entry);
             state()["baseline_knobs"] = relevant_knobs(task_, base);
         }
         if (!tried(state()["baseline_knobs"])) return state()["baseline_knobs"];
@@ -393,8 +394,10 @@ private:
         const std::string key = knobs.dump();
         auto it = built_.find(key);
         if (it == built_.end())
-            it = built_.emplace(key, Candidate::build(o_.tools, task_, target_,
-                                                      parse_cpu_knobs(knobs, "candidate"))).first;
+            it = built_
+                     .emplace(key, Candidate::build(o_.tools, task_, target_,
+                                                    parse_cpu_knobs(knobs, "candidate")))
+                     .first;
         return *it->second;
     }
 
@@ -490,8 +493,7 @@ private:
             for (const auto &k : keys) fr.push_back(t["results"][k]["frac_cold"]);
             mine = geomean(fr);
         }
-        std::fprintf(stderr,
-                     "[%s] trial %zu, %.0f/%.0f s: %s geomean %.3f of %s | best %.3f %s\n",
+        std::fprintf(stderr, "[%s] trial %zu, %.0f/%.0f s: %s geomean %.3f of %s | best %.3f %s\n",
                      task_.key().c_str(), state()["trials"].size(), elapsed, budget,
                      knobs.dump().c_str(), mine, task_.backward() ? "read2_write1" : "copy",
                      best.score, best.trial ? (*best.trial)["knobs"].dump().c_str() : "-");
@@ -534,7 +536,8 @@ int merge(int argc, char **argv) {
         if (!other.contains("tuning")) continue;
         for (const auto &[key, state] : other["tuning"]["tasks"].items()) {
             json &mine = doc["tuning"]["tasks"][key];
-            if (!mine.contains("trials")) mine = state;
+            if (!mine.contains("trials"))
+                mine = state;
             else {
                 // Union of the trials; a knob set tried in both keeps the first file's record.
                 for (const auto &t : state["trials"]) {
@@ -565,16 +568,26 @@ int run_tune(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
         if (a == "tune") continue;  // `normgen tune ...` passes its verb along
-        if (a == "--isa") o.isa = value(i);
-        else if (a == "--shapes") o.shapes_path = value(i);
-        else if (a == "--budget-minutes") o.budget_minutes = std::stod(value(i));
-        else if (a == "--reps") o.reps = std::stoi(value(i));
-        else if (a == "--confirm-rounds") o.confirm_rounds = std::stoi(value(i));
-        else if (a == "--confirm-only") o.confirm_only = true;
-        else if (a == "--seed") o.seed = unsigned(std::stoul(value(i)));
-        else if (a == "-o") o.output = value(i);
-        else if (a == "--work-dir") o.tools.work_dir = value(i);
-        else if (a == "--generator") o.tools.generator_exe = value(i);
+        if (a == "--isa")
+            o.isa = value(i);
+        else if (a == "--shapes")
+            o.shapes_path = value(i);
+        else if (a == "--budget-minutes")
+            o.budget_minutes = std::stod(value(i));
+        else if (a == "--reps")
+            o.reps = std::stoi(value(i));
+        else if (a == "--confirm-rounds")
+            o.confirm_rounds = std::stoi(value(i));
+        else if (a == "--confirm-only")
+            o.confirm_only = true;
+        else if (a == "--seed")
+            o.seed = unsigned(std::stoul(value(i)));
+        else if (a == "-o")
+            o.output = value(i);
+        else if (a == "--work-dir")
+            o.tools.work_dir = value(i);
+        else if (a == "--generator")
+            o.tools.generator_exe = value(i);
         else if (a == "--shard") {
             const std::string v = value(i);
             if (std::sscanf(v.c_str(), "%d/%d", &o.shard, &o.shards) != 2 || o.shards < 1 ||
@@ -590,7 +603,8 @@ int run_tune(int argc, char **argv) {
     }
     const IsaTarget target = isa_target(o.isa);
     if (o.output.empty()) o.output = "schedules/tuned/" + target.tuned_name() + ".json";
-    if (o.tools.work_dir.empty()) o.tools.work_dir = "/tmp/normgen-tune-" + std::to_string(getpid());
+    if (o.tools.work_dir.empty())
+        o.tools.work_dir = "/tmp/normgen-tune-" + std::to_string(getpid());
     const std::vector<Shape> shapes = read_shape_file(o.shapes_path);
 
     json doc = {{"target", target.tuned_name()}, {"entries", json::array()}};
@@ -606,11 +620,10 @@ int run_tune(int argc, char **argv) {
         "geometric mean over the entry's shapes of t_reference / t_kernel, cold caches, median of "
         "repetitions); entries with measured=null are hand-set.";
     if (!doc.contains("tuning")) doc["tuning"] = {{"tasks", json::object()}};
-    doc["tuning"]["machine"] = {{"cpu", cpu_model()},
-                                {"date", utc_now()},
-                                {"threads", std::getenv("OMP_NUM_THREADS")
-                                                ? std::getenv("OMP_NUM_THREADS")
-                                                : "default"}};
+    doc["tuning"]["machine"] = {
+        {"cpu", cpu_model()},
+        {"date", utc_now()},
+        {"threads", std::getenv("OMP_NUM_THREADS") ? std::getenv("OMP_NUM_THREADS") : "default"}};
     json runs = doc["tuning"].value("runs", json::array());
     runs.push_back({{"command", "normgen tune " + o.command_line},
                     {"shapes", o.shapes_path},
@@ -621,9 +634,8 @@ int run_tune(int argc, char **argv) {
     const auto &tasks = all_tasks();
     for (size_t i = 0; i < tasks.size(); i++) {
         if (int(i % size_t(o.shards)) != o.shard) continue;
-        if (!o.task_filter.empty() &&
-            std::find(o.task_filter.begin(), o.task_filter.end(), tasks[i].key()) ==
-                o.task_filter.end())
+        if (!o.task_filter.empty() && std::find(o.task_filter.begin(), o.task_filter.end(),
+                                                tasks[i].key()) == o.task_filter.end())
             continue;
         mine.push_back(tasks[i]);
     }
@@ -631,9 +643,11 @@ int run_tune(int argc, char **argv) {
         std::fprintf(stderr, "normgen tune: no task in shard %d/%d\n", o.shard + 1, o.shards);
         return 0;
     }
-    std::fprintf(stderr, "normgen tune: %s, %zu tasks, %zu shapes from %s, budget %.1f min, "
-                 "writing %s (resumes its trials)\n", target.halide_target.c_str(), mine.size(),
-                 shapes.size(), o.shapes_path.c_str(), o.budget_minutes, o.output.c_str());
+    std::fprintf(stderr,
+                 "normgen tune: %s, %zu tasks, %zu shapes from %s, budget %.1f min, "
+                 "writing %s (resumes its trials)\n",
+                 target.halide_target.c_str(), mine.size(), shapes.size(), o.shapes_path.c_str(),
+                 o.budget_minutes, o.output.c_str());
     std::mt19937 rng(o.seed + unsigned(doc["tuning"]["runs"].size()));
     double left = o.budget_minutes * 60;
     for (size_t i = 0; i < mine.size(); i++) {

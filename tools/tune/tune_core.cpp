@@ -1,10 +1,5 @@
 #include "tune_core.h"
 
-#include "../../bench/bandwidth_reference.h"
-#include "../../tests/reference.h"
-
-#include <nlohmann/json.hpp>
-
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -19,9 +14,13 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+
+#include "../../bench/bandwidth_reference.h"
+#include "../../tests/reference.h"
 
 extern char **environ;
 
@@ -31,9 +30,9 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 const std::vector<Task> &all_tasks() {
-    static const std::vector<Task> tasks = {
-        {"bn_fwd_train", "contig"}, {"bn_fwd_train", "cl"}, {"bn_fwd_infer", "contig"},
-        {"bn_fwd_infer", "cl"},     {"bn_bwd_train", "contig"}, {"bn_bwd_train", "cl"}};
+    static const std::vector<Task> tasks = {{"bn_fwd_train", "contig"}, {"bn_fwd_train", "cl"},
+                                            {"bn_fwd_infer", "contig"}, {"bn_fwd_infer", "cl"},
+                                            {"bn_bwd_train", "contig"}, {"bn_bwd_train", "cl"}};
     return tasks;
 }
 
@@ -156,9 +155,7 @@ std::string generator_of(const Task &t) {
     return t.backward() ? "batch_norm_backward" : "batch_norm_forward";
 }
 
-std::string mode_of(const Task &t) {
-    return t.family == "bn_fwd_infer" ? "inference" : "training";
-}
+std::string mode_of(const Task &t) { return t.family == "bn_fwd_infer" ? "inference" : "training"; }
 
 }  // namespace
 
@@ -174,11 +171,16 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
     cand->name_ = task.family + "_f32_" + task.layout + "_" + target.isa;
     const std::string log = cand->dir_ + "/build.log";
     std::vector<std::string> gen = {tools.generator_exe,
-                                    "-g", generator_of(task),
-                                    "-f", cand->name_,
-                                    "-n", cand->name_,
-                                    "-e", "object",
-                                    "-o", cand->dir_,
+                                    "-g",
+                                    generator_of(task),
+                                    "-f",
+                                    cand->name_,
+                                    "-n",
+                                    cand->name_,
+                                    "-e",
+                                    "object",
+                                    "-o",
+                                    cand->dir_,
                                     "target=" + target.halide_target + "-no_runtime",
                                     "mode=" + mode_of(task),
                                     "dtype=f32",
@@ -206,26 +208,25 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
             if (i >= 3) features.push_back(part);
     }
     const bool fwd = !task.backward();
-    json manifest = {
-        {"format", "normgen-package"},
-        {"abi_version", NG_ABI_VERSION},
-        {"generator", "normgen tune candidate"},
-        {"kernels",
-         {{{"name", cand->name_},
-           {"op", fwd ? "forward" : "backward"},
-           {"statistics", task.training() ? "batch" : "running"},
-           {"dtype", "f32"},
-           {"layout", task.layout},
-           {"activation", "none"},
-           {"residual", false},
-           {"device", "cpu"},
-           {"arch", target.arch},
-           {"isa", target.isa},
-           {"features", features},
-           {"target", target.halide_target},
-           {"shape", {{"kind", "generic"}}},
-           {"file", lib},
-           {"symbol", cand->name_}}}}};
+    json manifest = {{"format", "normgen-package"},
+                     {"abi_version", NG_ABI_VERSION},
+                     {"generator", "normgen tune candidate"},
+                     {"kernels",
+                      {{{"name", cand->name_},
+                        {"op", fwd ? "forward" : "backward"},
+                        {"statistics", task.training() ? "batch" : "running"},
+                        {"dtype", "f32"},
+                        {"layout", task.layout},
+                        {"activation", "none"},
+                        {"residual", false},
+                        {"device", "cpu"},
+                        {"arch", target.arch},
+                        {"isa", target.isa},
+                        {"features", features},
+                        {"target", target.halide_target},
+                        {"shape", {{"kind", "generic"}}},
+                        {"file", lib},
+                        {"symbol", cand->name_}}}}};
     std::ofstream(cand->dir_ + "/manifest.json") << manifest.dump(1);
     if (ng_runtime_open(cand->dir_.c_str(), &cand->rt_) != NG_OK)
         throw std::runtime_error(std::string("cannot open the candidate package: ") +
@@ -298,8 +299,8 @@ std::string compare(const char *what, const float *got, const std::vector<double
         const double err = std::abs(double(got[i]) - want[i]);
         if (!(err <= tol * (1 + std::abs(want[i])))) {
             std::ostringstream os;
-            os << what << "[" << i << "] = " << got[i] << ", reference " << want[i]
-               << " (error " << err << " > " << tol << " * (1 + |reference|))";
+            os << what << "[" << i << "] = " << got[i] << ", reference " << want[i] << " (error "
+               << err << " > " << tol << " * (1 + |reference|))";
             return os.str();
         }
     }
@@ -343,8 +344,7 @@ Workload::Workload(const Task &task, const Shape &shape, uint64_t seed)
         ref::Params p;
         p.training = true;
         p.track_running_stats = false;
-        const auto fwd =
-            ref::forward(v, p, x_, weight_.data(), bias_.data(), nullptr, nullptr);
+        const auto fwd = ref::forward(v, p, x_, weight_.data(), bias_.data(), nullptr, nullptr);
         given_mean_.assign(fwd.mean.begin(), fwd.mean.end());
         given_invstd_.assign(fwd.invstd.begin(), fwd.invstd.end());
     }
@@ -357,8 +357,11 @@ Workload::~Workload() {
 }
 
 ng_tensor Workload::tensor() const {
-    ng_tensor t{static_cast<int32_t>(shape_.dims.size()), {0, 0, 0, 0, 0},
-                task_.layout == "cl" ? NG_CHANNELS_LAST : NG_CONTIGUOUS, NG_F32, NG_CPU};
+    ng_tensor t{static_cast<int32_t>(shape_.dims.size()),
+                {0, 0, 0, 0, 0},
+                task_.layout == "cl" ? NG_CHANNELS_LAST : NG_CONTIGUOUS,
+                NG_F32,
+                NG_CPU};
     for (size_t i = 0; i < shape_.dims.size(); i++) t.shape[i] = shape_.dims[i];
     return t;
 }
@@ -383,9 +386,9 @@ void Workload::run(ng_plan *plan) {
     ng_status st;
     if (task_.backward()) {
         st = ng_batch_norm_backward(plan, x_, dy_, nullptr, weight_.data(), bias_.data(),
-                                    running_mean_.data(), running_var_.data(),
-                                    given_mean_.data(), given_invstd_.data(), out_,
-                                    dweight_.data(), dbias_.data(), nullptr);
+                                    running_mean_.data(), running_var_.data(), given_mean_.data(),
+                                    given_invstd_.data(), out_, dweight_.data(), dbias_.data(),
+                                    nullptr);
     } else {
         // Training moves the running statistics; inference reads them (kept constant).
         std::vector<float> rm = running_mean_, rv = running_var_;
@@ -419,16 +422,13 @@ std::string Workload::compare_with_reference() const {
     if (task_.training()) {
         if (auto msg = compare("save_mean", save_mean_.data(), want.mean, kTol); !msg.empty())
             return msg;
-        if (auto msg = compare("save_invstd", save_invstd_.data(), want.invstd, kTol);
-            !msg.empty())
+        if (auto msg = compare("save_invstd", save_invstd_.data(), want.invstd, kTol); !msg.empty())
             return msg;
     }
     return "";
 }
 
-const char *Workload::reference_name() const {
-    return task_.backward() ? "read2_write1" : "copy";
-}
+const char *Workload::reference_name() const { return task_.backward() ? "read2_write1" : "copy"; }
 
 double Workload::bytes_moved() const {
     return double(shape_.elements()) * sizeof(float) * (task_.backward() ? 3 : 2);

@@ -6,15 +6,15 @@
 // the code path a shipped kernel runs, and never links libHalide itself.
 #pragma once
 
-#include "../../schedules/cpu_knobs.h"
-
 #include <normgen/normgen.h>
-#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include "../../schedules/cpu_knobs.h"
 
 namespace normgen::tune {
 
