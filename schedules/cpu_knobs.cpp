@@ -1,13 +1,7 @@
 #include "cpu_knobs.h"
 
-<<<<<<< HEAD
 #include <nlohmann/json.hpp>
 
-=======
-#include <fstream>
-#include <nlohmann/json.hpp>
-#include <regex>
->>>>>>> tuner
 #include <sstream>
 #include <stdexcept>
 
