@@ -67,6 +67,14 @@ void set_raw(Enum &field, int value) {
 
 // ng_plan_create for a descriptor/parameter error: must fail at plan creation (a plan is bound
 // to its shape and parameters, so nothing about them is left for the call) without a plan.
+// The runtime of a package folder; null (with a recorded failure) if it does not open.
+RuntimePtr open_runtime(const std::string &dir) {
+    ng_runtime *raw = nullptr;
+    const ng_status st = ng_runtime_open(dir.c_str(), &raw);
+    EXPECT_EQ(st, NG_OK) << ng_last_error();
+    return RuntimePtr(st == NG_OK ? raw : nullptr);
+}
+
 ::testing::AssertionResult plan_rejected(ng_op op, const ng_tensor &t,
                                          const ng_batch_norm_params &p, ng_status want,
                                          const std::vector<std::string> &words) {
@@ -839,9 +847,8 @@ size_t host_kernel_index(const nlohmann::json &m, size_t n) {
 
 TEST(Package, CopyOpensAndRuns) {
     PackageCopy pkg;
-    ng_runtime *raw = nullptr;
-    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
-    RuntimePtr rt(raw);
+    RuntimePtr rt = open_runtime(pkg.dir());
+    ASSERT_TRUE(rt);
     EXPECT_TRUE(contains(ng_runtime_describe(rt.get()), pkg.dir()));
     Call k(small_tensor());
     PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt.get());
@@ -954,9 +961,8 @@ TEST(Package, NoKernelForTheRequest) {
         if (k["op"] != "backward") kept.push_back(k);
     m["kernels"] = kept;
     pkg.write_manifest(m);
-    ng_runtime *raw = nullptr;
-    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
-    RuntimePtr rt(raw);
+    RuntimePtr rt = open_runtime(pkg.dir());
+    ASSERT_TRUE(rt);
     const ng_tensor t = small_tensor();
     const ng_batch_norm_params p = ng_batch_norm_params_default();
     ng_plan *plan = nullptr;
@@ -978,9 +984,8 @@ TEST(Package, KernelFailureBecomesAStatus) {
         if (k["name"] == name) k["shape"]["s"] = 63;
     pkg.write_manifest(m);
     ScopedEnv cap("NORMGEN_ISA", "avx512");
-    ng_runtime *raw = nullptr;
-    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
-    RuntimePtr rt(raw);
+    RuntimePtr rt = open_runtime(pkg.dir());
+    ASSERT_TRUE(rt);
     Call k(make_tensor({8, 32, 63}, NG_CONTIGUOUS));
     PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt.get());
     ASSERT_TRUE(plan);
@@ -1130,9 +1135,8 @@ TEST(Registry, ExactThenClassThenGeneric) {
     m["kernels"] = kept;
     pkg.write_manifest(m);
     ScopedEnv cap("NORMGEN_ISA", isa.c_str());
-    ng_runtime *raw = nullptr;
-    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw), NG_OK) << ng_last_error();
-    RuntimePtr rt(raw);
+    RuntimePtr rt = open_runtime(pkg.dir());
+    ASSERT_TRUE(rt);
     struct Want {
         std::vector<int64_t> shape;
         std::string kernel, word, why;
@@ -1158,9 +1162,8 @@ TEST(Registry, ExactThenClassThenGeneric) {
     }
     // NORMGEN_KERNELS=generic (read at open): the generic kernel even for the exact shape.
     ScopedEnv generic_only("NORMGEN_KERNELS", "generic");
-    ng_runtime *raw_generic = nullptr;
-    ASSERT_EQ(ng_runtime_open(pkg.dir().c_str(), &raw_generic), NG_OK) << ng_last_error();
-    RuntimePtr rt_generic(raw_generic);
+    RuntimePtr rt_generic = open_runtime(pkg.dir());
+    ASSERT_TRUE(rt_generic);
     Call k(make_tensor({2, 8, 30}, NG_CONTIGUOUS));
     PlanPtr plan = make_plan(NG_OP_FORWARD, k.t, ng_batch_norm_params_default(), rt_generic.get());
     ASSERT_TRUE(plan);
