@@ -49,6 +49,10 @@ public:
             running_var = add_input<Buffer<float, 1>>("running_var");
             eps = add_input<double>("eps");
         }
+        if (mode == Mode::Training)
+            choose_schedule_for("bn_bwd_train", true);
+        else
+            choose_schedule_for("bn_bwd_eval", false);
     }
 
     void generate() {
@@ -99,7 +103,10 @@ public:
         Expr dx_value = g * p.coeffs(c)[0];
         if (training)
             dx_value += (load(p.view.at(*x, s, c, n)) - mean(c)) * p.coeffs(c)[1] + p.coeffs(c)[2];
-        p.out(p.view.storage_args()) = store(dx_value);
+        // Prefetched: what the next channel's statistics read (x, dy and, for the mask, z).
+        std::vector<TensorInput *> stats_inputs = {x, dy};
+        if (z) stats_inputs.push_back(z);
+        p.out(p.view.storage_args()) = store(with_next_channel_loads(dx_value, p.view, stats_inputs));
         *dx = p.out;
         if (dz) {
             Func dz_func("dz");
@@ -118,8 +125,7 @@ public:
         std::vector<OutputImageParam> channel_vectors = {weight, dweight, dbias};
         for (auto *in : {bias, save_mean, save_invstd, running_mean, running_var})
             if (in) channel_vectors.push_back(*in);
-        constrain_and_schedule(p, training ? "bn_bwd_train" : "bn_bwd_eval", tensors,
-                               channel_vectors);
+        constrain_and_schedule(p, tensors, channel_vectors);
     }
 };
 

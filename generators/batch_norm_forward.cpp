@@ -43,6 +43,10 @@ public:
             save_invstd = add_output<Buffer<float, 1>>("save_invstd");
             batch_var = add_output<Buffer<float, 1>>("batch_var");
         }
+        if (mode == Mode::Training)
+            choose_schedule_for("bn_fwd_train", true);
+        else
+            choose_schedule_for("bn_fwd_infer", false);
     }
 
     void generate() {
@@ -77,8 +81,9 @@ public:
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), f32(f64(bias(c)) - mean_minus_shift * scale),
                                 f32(f64(shift(c)) + mean_minus_shift), f32(invstd), f32(var));
-            p.out(p.view.storage_args()) =
-                store(activate((x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1] + z_at));
+            // The next channel's statistics read only x: only x is prefetched.
+            p.out(p.view.storage_args()) = store(with_next_channel_loads(
+                activate((x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1] + z_at), p.view, {x}));
             (*save_mean)(c) = p.coeffs(c)[2];
             (*save_invstd)(c) = p.coeffs(c)[3];
             (*batch_var)(c) = p.coeffs(c)[4];
@@ -100,8 +105,7 @@ public:
             if (in) channel_vectors.push_back(*in);
         for (auto *out : {save_mean, save_invstd, batch_var})
             if (out) channel_vectors.push_back(*out);
-        constrain_and_schedule(p, mode == Mode::Training ? "bn_fwd_train" : "bn_fwd_infer",
-                               tensors, channel_vectors);
+        constrain_and_schedule(p, tensors, channel_vectors);
     }
 };
 

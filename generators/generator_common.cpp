@@ -43,37 +43,41 @@ void constrain_channel_vector(OutputImageParam buffer, const FixedShape &shape) 
     if (!shape.generic()) buffer.dim(0).set_extent(shape.c);
 }
 
-void schedule_for_target(NormPipeline &p, const Target &target, const std::string &family,
-                         const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path, const std::string &knobs_json,
-                         bool emulate_cuda) {
-    const std::string layout = p.view.layout == Layout::Contiguous ? "contig" : "cl";
-    TunedEntry entry;
+ScheduleChoice choose_schedule(const Target &target, const KnobsKey &key,
+                               const std::string &tuned_json_path, const std::string &knobs_json,
+                               bool emulate_cuda) {
+    ScheduleChoice choice;
+    choice.key = key;
     if (!knobs_json.empty()) {
         try {
-            entry.knobs = nlohmann::json::parse(knobs_json);
+            choice.entry.knobs = nlohmann::json::parse(knobs_json);
         } catch (const std::exception &e) {
             throw std::runtime_error("knobs='" + knobs_json + "' is not valid JSON: " + e.what());
         }
-        entry.chosen = "the knobs parameter";
-        entry.where = "knobs='" + knobs_json + "'";
+        choice.entry.chosen = "the knobs parameter";
+        choice.entry.where = "knobs='" + knobs_json + "'";
     } else {
-        entry = find_tuned_entry(tuned_json_path, {family, dtype, layout, shape});
+        choice.entry = find_tuned_entry(tuned_json_path, key);
     }
-    std::string knobs_text;
-    if (target.has_feature(Target::CUDA) || emulate_cuda) {
-        const CudaKnobs knobs = parse_cuda_knobs(entry.knobs, entry.where);
-        knobs_text = knobs.to_string();
-        schedule_cuda(p, knobs, target);
-    } else {
-        const CpuKnobs knobs = parse_cpu_knobs(entry.knobs, entry.where);
-        knobs_text = knobs.to_string();
-        schedule_cpu(p, knobs, target);
-    }
+    choice.cuda = target.has_feature(Target::CUDA) || emulate_cuda;
+    if (choice.cuda)
+        choice.gpu = parse_cuda_knobs(choice.entry.knobs, choice.entry.where);
+    else
+        choice.cpu = parse_cpu_knobs(choice.entry.knobs, choice.entry.where);
+    return choice;
+}
+
+void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice, const Target &target) {
+    if (choice.cuda)
+        schedule_cuda(p, choice.gpu, target);
+    else
+        schedule_cpu(p, choice.cpu, target);
     // Shown in the build log: which tuned entry each kernel was scheduled with.
-    std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", family.c_str(),
-                 dtype.c_str(), layout.c_str(), shape.c_str(), target.to_string().c_str(),
-                 entry.chosen.c_str(), knobs_text.c_str());
+    const KnobsKey &key = choice.key;
+    std::fprintf(stderr, "normgen: %s %s %s %s %s: knobs from %s: %s\n", key.family.c_str(),
+                 key.dtype.c_str(), key.layout.c_str(), key.shape.c_str(),
+                 target.to_string().c_str(), choice.entry.chosen.c_str(),
+                 (choice.cuda ? choice.gpu.to_string() : choice.cpu.to_string()).c_str());
 }
 
 void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {

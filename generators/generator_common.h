@@ -3,6 +3,8 @@
 #pragma once
 
 #include "norm_pipeline.h"
+#include "../schedules/cpu_knobs.h"
+#include "../schedules/cuda_knobs.h"
 
 #include <string>
 #include <vector>
@@ -47,13 +49,24 @@ void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const Fixe
 // Constrains a per-channel vector (weight, statistics...) to min 0 and, if known, extent C.
 void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape &shape);
 
-// Schedules the pipeline for the generator's target with the knobs given as a JSON object
-// (knobs_json, the tuner's way), or else those tuned for `family` / `dtype` / `shape`.
+// The knobs one kernel is scheduled with: those given as a JSON object (knobs_json, the tuner's
+// way), or else those tuned for key (family / dtype / layout / shape). Resolved before the
+// algorithm is built, because one knob (prefetch_next_channel) adds loads to it.
 // emulate_cuda: the CUDA schedule on a CPU target (see schedule_cuda), for testing it.
-void schedule_for_target(NormPipeline &p, const Halide::Target &target, const std::string &family,
-                         const std::string &dtype, const std::string &shape,
-                         const std::string &tuned_json_path, const std::string &knobs_json,
-                         bool emulate_cuda);
+struct ScheduleChoice {
+    KnobsKey key;
+    TunedEntry entry;
+    bool cuda = false;
+    CpuKnobs cpu;
+    CudaKnobs gpu;
+};
+ScheduleChoice choose_schedule(const Halide::Target &target, const KnobsKey &key,
+                               const std::string &tuned_json_path, const std::string &knobs_json,
+                               bool emulate_cuda);
+
+// Schedules the pipeline for the target with the chosen knobs (and says so in the build log).
+void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice,
+                         const Halide::Target &target);
 
 // Schedules per-channel outputs computed on their own (the running-statistics update).
 void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
@@ -123,19 +136,55 @@ protected:
         return Halide::strict_float(Halide::select(Halide::is_nan(e), e, Halide::max(e, 0.0f)));
     }
 
+    // Resolves the schedule's knobs for `family` (e.g. "bn_fwd_train"); call from configure(),
+    // before generate() builds the algorithm. has_statistics: the kernel reduces over each
+    // channel's slice, the case prefetch_next_channel serves.
+    void choose_schedule_for(const std::string &family, bool has_statistics) {
+        const std::string dtype_name = dtype == StorageType::F32   ? "f32"
+                                       : dtype == StorageType::F16 ? "f16"
+                                                                   : "bf16";
+        const std::string layout_name = layout == Layout::Contiguous ? "contig" : "cl";
+        choice_ = choose_schedule(this->get_target(), {family, dtype_name, layout_name, shape},
+                                  tuned, knobs, emulate_cuda);
+        if (!choice_.cuda && layout == Layout::Contiguous && has_statistics &&
+            choice_.cpu.stats_per_channel && choice_.cpu.prefetch_next_channel)
+            opaque_zero_ = this->template add_input<double>("opaque_zero");
+    }
+
+    // With prefetch_next_channel: `value` (float32, at (s, c, n) of a contiguous tensor) made to
+    // depend on the elements at (s, c + 1, n) of `tensors`, so that the loop computing it loads
+    // them: the next channel's slice streams in while this one's results stream out, and its
+    // statistics then read L2. The value is unchanged: the loaded bits are ANDed with
+    // opaque_zero, an input the runtime sets to 0 that the compiler cannot fold away.
+    // Without the knob: `value` as it is.
+    Halide::Expr with_next_channel_loads(Halide::Expr value, const CanonicalView &view,
+                                         const std::vector<TensorInput *> &tensors) const {
+        if (!opaque_zero_) return value;
+        using namespace Halide;
+        const Var &s = view.s, &c = view.c, &n = view.n;
+        Expr next_c = min(c + 1, tensors.front()->dim(view.channel_dim()).extent() - 1);
+        Expr bits = cast<uint32_t>(0);
+        for (TensorInput *t : tensors) {
+            Expr e = (*t)(s, next_c, n);
+            bits = bits | cast<uint32_t>(reinterpret(UInt(e.type().bits()), e));
+        }
+        Expr mask = cast<uint32_t>(*opaque_zero_);
+        return reinterpret<float>(reinterpret<uint32_t>(value) | (bits & mask));
+    }
+
     // tensors: the 3-D arguments; channel_vectors: the per-channel ones.
-    void constrain_and_schedule(NormPipeline &p, const std::string &family,
+    void constrain_and_schedule(NormPipeline &p,
                                 const std::vector<Halide::OutputImageParam> &tensors,
                                 const std::vector<Halide::OutputImageParam> &channel_vectors) {
         const FixedShape fixed = parse_fixed_shape(shape);
         for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
         for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
-        const std::string dtype_name = dtype == StorageType::F32   ? "f32"
-                                       : dtype == StorageType::F16 ? "f16"
-                                                                   : "bf16";
-        schedule_for_target(p, this->get_target(), family, dtype_name, shape, tuned, knobs,
-                            emulate_cuda);
+        schedule_for_target(p, choice_, this->get_target());
     }
+
+private:
+    ScheduleChoice choice_;
+    Halide::GeneratorInput<double> *opaque_zero_ = nullptr;
 };
 
 }  // namespace normgen

@@ -10,7 +10,8 @@ namespace normgen {
 std::string CpuKnobs::to_string() const {
     std::ostringstream os;
     os << "vectors=" << vectors << " stats_per_channel=" << stats_per_channel
-       << " channels_per_task=" << channels_per_task << " task_elements=" << task_elements;
+       << " channels_per_task=" << channels_per_task
+       << " prefetch_next_channel=" << prefetch_next_channel << " task_elements=" << task_elements;
     return os.str();
 }
 
@@ -18,6 +19,7 @@ nlohmann::json CpuKnobs::to_json() const {
     return {{"vectors", vectors},
             {"stats_per_channel", stats_per_channel},
             {"channels_per_task", channels_per_task},
+            {"prefetch_next_channel", prefetch_next_channel},
             {"task_elements", task_elements}};
 }
 
@@ -39,6 +41,8 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
             } else if (name == "channels_per_task") {
                 k.channels_per_task = value.get<int>();
                 if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
+            } else if (name == "prefetch_next_channel") {
+                k.prefetch_next_channel = value.get<bool>();
             } else if (name == "task_elements") {
                 k.task_elements = value.get<int>();
                 if (k.task_elements < 1) throw bad(name, "must be >= 1");

@@ -1,6 +1,7 @@
 #include "package.h"
 
 #include "errors.h"
+#include "plan.h"
 #include "normgen/normgen.h"
 
 #include <nlohmann/json.hpp>
@@ -20,14 +21,6 @@ namespace ng {
 namespace {
 
 using json = nlohmann::json;
-
-// Kernel argument names the runtime knows how to bind (the ABI of NG_ABI_VERSION).
-const std::set<std::string> kKnownArguments = {
-    "x",         "z",          "dy",          "y",         "dx",     "dz",
-    "weight",    "bias",       "running_mean", "running_var", "eps", "save_mean",
-    "save_invstd", "batch_var", "dweight",     "dbias",
-    // the device-side running-statistics update (bn_running_stats_*)
-    "running_mean_out", "running_var_out", "momentum_factor", "unbias"};
 
 std::string field_string(const json &entry, const char *field, const std::string &where) {
     auto it = entry.find(field);
@@ -79,7 +72,7 @@ void check_metadata(const Kernel &k) {
         fail(NG_PACKAGE_ERROR, "kernel '", k.name, "' has Halide metadata version ", md->version);
     for (int i = 0; i < md->num_arguments; i++) {
         const auto &arg = md->arguments[i];
-        if (!kKnownArguments.count(arg.name))
+        if (!is_kernel_argument_name(arg.name))
             fail(NG_PACKAGE_ERROR, "kernel '", k.name, "' in ", k.file, " takes argument '",
                  arg.name, "', unknown to this runtime (ABI version ", NG_ABI_VERSION, ")");
     }

@@ -22,8 +22,18 @@ const char *kRoleNames[] = {"x",          "z",           "dy",        "y",      
                             "dz",         "weight",      "bias",      "running_mean",
                             "running_var", "eps",        "save_mean", "save_invstd",
                             "batch_var",  "dweight",     "dbias",    "running_mean_out",
-                            "running_var_out", "momentum_factor", "unbias"};
+                            "running_var_out", "momentum_factor", "unbias", "opaque_zero"};
 static_assert(sizeof(kRoleNames) / sizeof(kRoleNames[0]) == static_cast<size_t>(Role::count));
+
+}  // namespace
+
+bool is_kernel_argument_name(const std::string &name) {
+    for (const char *known : kRoleNames)
+        if (name == known) return true;
+    return false;
+}
+
+namespace {
 
 Role role_named(const std::string &name) {
     for (size_t i = 0; i < static_cast<size_t>(Role::count); i++)
@@ -135,14 +145,16 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
         const halide_filter_argument_t &arg = md->arguments[i];
         const Role role = role_named(arg.name);
         if (arg.kind == halide_argument_kind_input_scalar) {
-            double *value = role == Role::eps               ? &plan.eps
-                            : role == Role::momentum_factor ? &plan.momentum_factor
-                            : role == Role::unbias          ? &plan.unbias
-                                                            : nullptr;
+            static const double kZero = 0.0;
+            const double *value = role == Role::eps               ? &plan.eps
+                                  : role == Role::momentum_factor ? &plan.momentum_factor
+                                  : role == Role::unbias          ? &plan.unbias
+                                  : role == Role::opaque_zero     ? &kZero
+                                                                  : nullptr;
             if (!value || arg.type.code != halide_type_float || arg.type.bits != 64)
                 fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name, "': scalar argument '",
-                     arg.name, "' is not a float64 eps, momentum_factor or unbias");
-            plan.args[i] = value;
+                     arg.name, "' is not a float64 eps, momentum_factor, unbias or opaque_zero");
+            plan.args[i] = const_cast<double *>(value);
             continue;
         }
         const bool tensor = arg.dimensions == 3, vector = arg.dimensions == 1;

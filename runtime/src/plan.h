@@ -15,7 +15,9 @@ enum class Role {
     x, z, dy, y, dx, dz, weight, bias, running_mean, running_var, eps, save_mean, save_invstd,
     batch_var, dweight, dbias,
     // the device-side running-statistics update (bn_running_stats_*)
-    running_mean_out, running_var_out, momentum_factor, unbias, count
+    running_mean_out, running_var_out, momentum_factor, unbias,
+    // a 0 the kernel cannot see is constant (the prefetch_next_channel knob's mask)
+    opaque_zero, count
 };
 
 // Per-channel buffers a plan owns: weight 1 / bias 0 without affine, and the statistics and
@@ -81,6 +83,10 @@ struct ng_plan {
 };
 
 namespace ng {
+
+// Whether a kernel argument of this name has a Role (the ABI of NG_ABI_VERSION): package open
+// rejects kernels with any other argument.
+bool is_kernel_argument_name(const std::string &name);
 // op: the caller's raw ng_op value (validated here).
 ng_plan *create_plan(ng_runtime *rt, int op, const ng_tensor *x,
                      const ng_batch_norm_params *params);

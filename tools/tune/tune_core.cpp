@@ -104,7 +104,10 @@ bool task_serves(const Task &t, const Shape &s) { return t.layout == "cl" || s.s
 std::vector<KnobChoices> search_space(const Task &t) {
     std::vector<KnobChoices> space = {{"vectors", {1, 2, 4}}};
     if (t.layout == "contig") {
-        if (t.training()) space.push_back({"stats_per_channel", {true, false}});
+        if (t.training()) {
+            space.push_back({"stats_per_channel", {true, false}});
+            space.push_back({"prefetch_next_channel", {false, true}});
+        }
         space.push_back({"channels_per_task", {1, 2, 4, 8, 16}});
     } else {
         KnobChoices task_elements{"task_elements", {}};
