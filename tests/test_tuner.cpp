@@ -6,6 +6,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
 #include "../tools/tune/tune_core.h"
 
 namespace normgen::tune {
@@ -49,6 +53,37 @@ TEST(Tuner, TamperedOutputIsRejected) {
     // One element off by 1e-4 (of values of order 1): 10x the tolerance, far above fp32 error.
     w.y_or_dx()[shape.elements() / 2] += 1e-4f;
     EXPECT_NE(w.compare_with_reference(), "");
+}
+
+// prefetch_next_channel adds loads of the next channel whose bits are masked by a runtime zero:
+// the kernel must change (it takes opaque_zero) and its results must not, to the bit.
+TEST(Tuner, PrefetchNextChannelChangesNoResultBit) {
+    for (const Task &task : {kFwdTrain, Task{"bn_bwd_train", "contig"}}) {
+        CpuKnobs off, on;
+        off.prefetch_next_channel = false;
+        on.prefetch_next_channel = true;
+        off.vectors = on.vectors = 2;
+        auto plain = Candidate::build(tools(), task, isa_target(best_host_isa()), off);
+        auto prefetching = Candidate::build(tools(), task, isa_target(best_host_isa()), on);
+        auto takes_opaque_zero = [](const Candidate &c) {
+            std::ifstream lib(c.dir() + "/libcandidate.so", std::ios::binary);
+            const std::string bytes((std::istreambuf_iterator<char>(lib)), {});
+            return bytes.find("opaque_zero") != std::string::npos;
+        };
+        EXPECT_FALSE(takes_opaque_zero(*plain)) << task.key();
+        EXPECT_TRUE(takes_opaque_zero(*prefetching)) << task.key();
+        for (const Shape &shape : check_shapes()) {
+            Workload a(task, shape, 11), b(task, shape, 11);
+            for (auto [cand, w] : {std::pair{plain.get(), &a}, std::pair{prefetching.get(), &b}}) {
+                ng_plan *plan = make_plan(cand->runtime(), *w, task);
+                w->run(plan);
+                ng_plan_destroy(plan);
+                EXPECT_EQ(w->compare_with_reference(), "") << task.key() << " " << shape.text();
+            }
+            EXPECT_EQ(std::memcmp(a.y_or_dx(), b.y_or_dx(), shape.elements() * sizeof(float)), 0)
+                << task.key() << " " << shape.text();
+        }
+    }
 }
 
 TEST(Tuner, ShapeClassBuckets) {

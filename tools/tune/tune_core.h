@@ -76,6 +76,7 @@ public:
     ~Candidate();
     ng_runtime *runtime() const { return rt_; }
     const std::string &name() const { return name_; }
+    const std::string &dir() const { return dir_; }  // the package folder
 
 private:
     Candidate() = default;
