@@ -285,13 +285,18 @@ function(normgen_add_kernel_library isa arch device target dtypes package_dir ex
     set(${manifest_var} "${_manifest_entries}" PARENT_SCOPE)
 endfunction()
 
+# The package ABI version, from the one place the runtime reads it.
+file(STRINGS "${CMAKE_CURRENT_LIST_DIR}/../runtime/include/normgen/normgen.h" _normgen_abi_line
+     REGEX "^#define NG_ABI_VERSION [0-9]+")
+string(REGEX REPLACE "^#define NG_ABI_VERSION ([0-9]+).*" "\\1" NORMGEN_ABI_VERSION "${_normgen_abi_line}")
+
 # Writes package_dir/manifest.json listing the entries.
 function(normgen_write_manifest package_dir entries)
     list(JOIN entries ",\n    " body)
     file(GENERATE OUTPUT "${package_dir}/manifest.json" CONTENT
 "{
   \"format\": \"normgen-package\",
-  \"abi_version\": 1,
+  \"abi_version\": ${NORMGEN_ABI_VERSION},
   \"generator\": \"normgen ${PROJECT_VERSION}, Halide ${Halide_VERSION}\",
   \"kernels\": [
     ${body}

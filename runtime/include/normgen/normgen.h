@@ -29,8 +29,9 @@ extern "C" {
 #define NG_API
 #endif
 
-/* Version of the kernel ABI (argument names and order) a package must declare in its manifest. */
-#define NG_ABI_VERSION 1
+/* Version of the kernel ABI (argument names and order) a package must declare in its manifest.
+   2: kernels may take `opaque_zero` (the prefetch_next_channel schedule knob). */
+#define NG_ABI_VERSION 2
 
 typedef enum {
     NG_OK = 0,
