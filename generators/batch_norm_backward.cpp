@@ -82,12 +82,11 @@ public:
 
         Expr spatial = x->dim(p.view.spatial_dim()).extent();
         Expr batch = x->dim(CanonicalView::batch_dim).extent();
-        p.r = RDom(0, spatial, 0, batch, "r");
-        Expr g_r = f64(grad_at(p.r.x, p.r.y));
-        Expr xmu_r = f64(load(p.view.at(*x, p.r.x, c, p.r.y))) - f64(mean(c));
-        p.sums = Func("sums");
-        p.sums(c) = Tuple(f64(0), f64(0));
-        p.sums(c) = Tuple(p.sums(c)[0] + g_r, p.sums(c)[1] + g_r * xmu_r);
+        define_channel_sums(p, *x, [&](Expr s_, Expr n_, Type type, Expr) {
+            Expr g_at = cast(type, grad_at(s_, n_));
+            Expr xmu = cast(type, load(p.view.at(*x, s_, c, n_))) - cast(type, mean(c));
+            return std::make_pair(g_at, g_at * xmu);
+        });
         Expr sum_g = p.sums(c)[0], sum_g_xmu = p.sums(c)[1];
 
         // dx = g * a + (x - mean) * b + k

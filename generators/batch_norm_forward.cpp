@@ -62,14 +62,17 @@ public:
         if (mode == Mode::Training) {
             Func shift("shift");
             shift(c) = load(p.view.at(*x, 0, c, 0));
+            auto value = [&](Expr s_, Expr n_) { return load(p.view.at(*x, s_, c, n_)); };
+            define_channel_sums(
+                p, *x,
+                [&](Expr s_, Expr n_, Type type, Expr n0) {
+                    Expr about = n0.defined() ? value(s_, n0) : shift(c);
+                    Expr d = cast(type, value(s_, n_)) - cast(type, about);
+                    return std::make_pair(d, d * d);
+                },
+                [&](Expr s_, Expr n0) { return f64(value(s_, n0)) - f64(shift(c)); });
             Expr spatial = x->dim(p.view.spatial_dim()).extent();
             Expr batch = x->dim(CanonicalView::batch_dim).extent();
-            p.r = RDom(0, spatial, 0, batch, "r");
-            Expr d = f64(load(p.view.at(*x, p.r.x, c, p.r.y))) - f64(shift(c));
-            p.sums = Func("sums");
-            p.sums(c) = Tuple(f64(0), f64(0));
-            p.sums(c) = Tuple(p.sums(c)[0] + d, p.sums(c)[1] + d * d);
-
             Expr count = f64(spatial) * f64(batch);
             Expr mean_minus_shift = p.sums(c)[0] / count;
             // Clamped at 0 against rounding; a NaN must stay NaN (as in PyTorch), but x86's max

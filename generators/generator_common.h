@@ -6,7 +6,9 @@
 #include "../schedules/cpu_knobs.h"
 #include "../schedules/cuda_knobs.h"
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace normgen {
@@ -170,6 +172,67 @@ protected:
         }
         Expr mask = cast<uint32_t>(*opaque_zero_);
         return reinterpret<float>(reinterpret<uint32_t>(value) | (bits & mask));
+    }
+
+    // The per-channel sums over (s, n) of two terms, in float64: p.r and p.sums(c) = Tuple(sum of
+    // the first, sum of the second). terms(s, n, type, n0) gives the two terms at (s, n) computed
+    // in `type`. Plainly (n0 undefined) every term is computed in float64. With the
+    // float32_stat_rows knob (contiguous CPU schedules) the terms of each block of that many rows
+    // are summed in float32 first (p.row_blocks), and the block sums in float64.
+    // A variance's terms (d, d*d), d = v - k_c, would lose precision in float32 wherever a block
+    // lies far from k_c (a float32 d*d keeps 24 bits of d's offset, not of its spread). So a
+    // variance passes `recentre`: its float32 terms are then taken about v(s, n0), the block's
+    // first row (e = v(s, n) - v(s, n0), terms (e, e*e)), and recentre(s, n0) = v(s, n0) - k_c,
+    // in float64, moves each block's sums back to k_c: sum d = sum e + m o,
+    // sum d^2 = sum e^2 + 2 o sum e + m o^2 (o the offset, m the block's rows). Other terms
+    // (products like g * (x - mean)) are summed as they are.
+    using ChannelTerms = std::function<std::pair<Halide::Expr, Halide::Expr>(
+        Halide::Expr s, Halide::Expr n, Halide::Type type, Halide::Expr n0)>;
+    using BlockOffset = std::function<Halide::Expr(Halide::Expr s, Halide::Expr n0)>;
+    // `tensor` gives the extents of (s, n).
+    void define_channel_sums(NormPipeline &p, const TensorInput &tensor, const ChannelTerms &terms,
+                             const BlockOffset &recentre = nullptr) const {
+        using namespace Halide;
+        const Var &c = p.view.c;
+        Expr spatial = tensor.dim(p.view.spatial_dim()).extent();
+        Expr batch = tensor.dim(CanonicalView::batch_dim).extent();
+        p.sums = Func("sums");
+        p.sums(c) = Tuple(cast<double>(0), cast<double>(0));
+        const int rows = float32_stat_rows();
+        if (rows == 1) {
+            p.r = RDom(0, spatial, 0, batch, "r");
+            auto [first, second] = terms(p.r.x, p.r.y, Float(64), Expr());
+            p.sums(c) = Tuple(p.sums(c)[0] + first, p.sums(c)[1] + second);
+            return;
+        }
+        const Var &s = p.view.s, &block = p.view.n;
+        RDom j(0, rows, "j");
+        Expr first_row = block * rows;
+        j.where(first_row + j < batch);
+        // The clamp only keeps bounds inference within the tensor; `where` skips those rows.
+        auto [first, second] = terms(s, min(first_row + j, batch - 1), Float(32), first_row);
+        p.row_blocks = Func("row_blocks");
+        p.row_blocks(s, c, block) = Tuple(0.0f, 0.0f);
+        p.row_blocks(s, c, block) =
+            Tuple(p.row_blocks(s, c, block)[0] + first, p.row_blocks(s, c, block)[1] + second);
+
+        p.r = RDom(0, spatial, 0, (batch + rows - 1) / rows, "r");
+        Tuple block_sums = p.row_blocks(p.r.x, c, p.r.y);
+        Expr sum_first = cast<double>(block_sums[0]), sum_second = cast<double>(block_sums[1]);
+        if (recentre) {
+            Expr offset = recentre(p.r.x, p.r.y * rows);
+            Expr m = cast<double>(min(rows, batch - p.r.y * rows));
+            sum_second += offset * (2 * sum_first + m * offset);
+            sum_first += m * offset;
+        }
+        p.sums(c) = Tuple(p.sums(c)[0] + sum_first, p.sums(c)[1] + sum_second);
+    }
+
+    // Rows per float32 block of the statistics (1: none). Channels-last kernels see one row of
+    // N*S elements, and the CUDA schedule reduces across threads: both keep float64 terms.
+    int float32_stat_rows() const {
+        if (choice_.cuda || layout != Layout::Contiguous) return 1;
+        return choice_.cpu.float32_stat_rows;
     }
 
     // tensors: the 3-D arguments; channel_vectors: the per-channel ones.

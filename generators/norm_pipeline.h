@@ -44,6 +44,9 @@ struct NormPipeline {
     Halide::RDom r;                         // (s, n) of one channel; undefined without reduction
     std::vector<Halide::Func> channel_pre;  // per-channel Funcs the reduction reads (e.g. a shift)
     Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)
+    // With float32 row blocks (knob float32_stat_rows): float32 sums over a block of rows at
+    // (s, c, block), which sums adds up in float64 over r = (s, block). Else undefined.
+    Halide::Func row_blocks;
     Halide::Func coeffs;                    // per-channel Tuple of what the elementwise stage needs
     Halide::Func out;                       // the tensor output (y or dx), in storage order
     std::vector<Halide::Func> tensor_outputs;   // further tensor outputs computed beside out (dz)

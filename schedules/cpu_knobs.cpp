@@ -11,7 +11,8 @@ std::string CpuKnobs::to_string() const {
     std::ostringstream os;
     os << "vectors=" << vectors << " stats_per_channel=" << stats_per_channel
        << " channels_per_task=" << channels_per_task
-       << " prefetch_next_channel=" << prefetch_next_channel << " task_elements=" << task_elements;
+       << " prefetch_next_channel=" << prefetch_next_channel
+       << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements;
     return os.str();
 }
 
@@ -20,6 +21,7 @@ nlohmann::json CpuKnobs::to_json() const {
             {"stats_per_channel", stats_per_channel},
             {"channels_per_task", channels_per_task},
             {"prefetch_next_channel", prefetch_next_channel},
+            {"float32_stat_rows", float32_stat_rows},
             {"task_elements", task_elements}};
 }
 
@@ -43,6 +45,10 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
             } else if (name == "prefetch_next_channel") {
                 k.prefetch_next_channel = value.get<bool>();
+            } else if (name == "float32_stat_rows") {
+                k.float32_stat_rows = value.get<int>();
+                if (k.float32_stat_rows < 1 || k.float32_stat_rows > 64)
+                    throw bad(name, "must be in 1..64");
             } else if (name == "task_elements") {
                 k.task_elements = value.get<int>();
                 if (k.task_elements < 1) throw bad(name, "must be >= 1");

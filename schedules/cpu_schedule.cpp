@@ -44,6 +44,11 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
                        .rfactor(rxi, lane);
     partial.vectorize(lane);
     partial.update().vectorize(lane);
+    if (p.row_blocks.defined()) {
+        // One vector of a block's float32 sums at a time, widened into partial right away.
+        p.row_blocks.compute_at(partial, rxo).vectorize(s, lanes, TailStrategy::GuardWithIf);
+        p.row_blocks.update().vectorize(s, lanes, TailStrategy::GuardWithIf);
+    }
 
     if (k.stats_per_channel) {
         // Everything about channel c happens in out's iteration c: the slice is read for the

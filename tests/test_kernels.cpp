@@ -53,11 +53,14 @@
 //    ("mask_boundary [elements]": at most 1 per case in the tables here).
 #include "test_support.h"
 
+#include "../schedules/cpu_knobs.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <iomanip>
 #include <map>
@@ -156,6 +159,95 @@ std::vector<float> dy_off_mask_boundary(const CaseData &d, const FusedOps &fused
     return dy;
 }
 
+// ---- Float32 row blocks: their error bound --------------------------------------------------
+
+// The float32_stat_rows knob a kernel was scheduled with (1 for kernels without statistics or
+// with another layout), found as the generator found it: the same lookup (find_tuned_entry,
+// parse_cpu_knobs) in the same file, schedules/tuned/<arch>-<isa>.json.
+int kernel_stat_rows(const std::string &kernel_name) {
+    for (const auto &e : manifest().at("kernels")) {
+        if (e.at("name") != kernel_name) continue;
+        const bool forward = e.at("op") == "forward", batch = e.at("statistics") == "batch";
+        if ((forward && !batch) || e.at("layout") != "contig") return 1;  // no sums
+        const auto &shape = e.at("shape");
+        std::string key = "generic";
+        if (shape.at("kind") == "exact") {
+            key = "n" + std::to_string(shape.at("n").get<int64_t>()) + "_c" +
+                  std::to_string(shape.at("c").get<int64_t>()) + "_s" +
+                  std::to_string(shape.at("s").get<int64_t>());
+        } else if (shape.at("kind") == "class") {
+            auto end = [&](const char *f) {
+                return shape.at(f).is_null() ? int64_t(0) : shape.at(f).get<int64_t>();
+            };
+            key = ShapeClass{shape.at("c_min"), end("c_end"), shape.at("s_min"), end("s_end")}.key();
+        }
+        const std::string family = forward ? "bn_fwd_train" : batch ? "bn_bwd_train" : "bn_bwd_eval";
+        const std::string tuned = std::string(NORMGEN_TUNED_DIR) + "/" +
+                                  e.at("arch").get<std::string>() + "-" +
+                                  e.at("isa").get<std::string>() + ".json";
+        const std::string path = std::ifstream(tuned).good() ? tuned : "";
+        const TunedEntry entry = find_tuned_entry(path, {family, e.at("dtype"), "contig", key});
+        return parse_cpu_knobs(entry.knobs, entry.where).float32_stat_rows;
+    }
+    ADD_FAILURE() << kernel_name << " is not in the manifest";
+    return 1;
+}
+
+// With float32_stat_rows = m, a kernel sums each block of m rows (at one s) in float32, term by
+// term in row order, before the block joins the float64 sums. This bounds that float32 sum's
+// error from the data, as Higham's running error bound of a recursive sum: a term t_j
+// computed with relative error k*u (u = 2^-24) and added to the partial sum P_j errs by at most
+// k*u*|t_j| + u*|P_j| (first order; the partial sums taken exactly here). Per channel:
+// first/second bound the error of the kernel's sums of the two terms, in float64 units.
+struct BlockSumError {
+    std::vector<double> first, second;
+};
+// terms(c, s, n, n0, &t1, &k1, &t2, &k2): the block's exact terms at row n (n0: its first row)
+// and the relative error (in units of u) of the kernel's float32 evaluation of each.
+// recentre(c, s, n0): the offset o the kernel moves the block's sums by in float64 (forward:
+// sum d^2 = sum e^2 + 2 o sum e + m o^2, so sum e's error counts 2|o| times in the second);
+// null: none (backward).
+using BlockTerms = std::function<void(int64_t c, int64_t s, int64_t n, int64_t n0, double *t1,
+                                      double *k1, double *t2, double *k2)>;
+BlockSumError block_sum_error(const ref::View &v, int rows, const BlockTerms &terms,
+                              const std::function<double(int64_t, int64_t, int64_t)> &recentre) {
+    constexpr double u = 0x1p-24;
+    BlockSumError err{std::vector<double>(size_t(v.c), 0.0), std::vector<double>(size_t(v.c), 0.0)};
+    for (int64_t c = 0; c < v.c; c++)
+        for (int64_t s = 0; s < v.s; s++)
+            for (int64_t n0 = 0; n0 < v.n; n0 += rows) {
+                double p1 = 0, p2 = 0, e1 = 0, e2 = 0;
+                for (int64_t n = n0; n < std::min(v.n, n0 + rows); n++) {
+                    double t1, k1, t2, k2;
+                    terms(c, s, n, n0, &t1, &k1, &t2, &k2);
+                    p1 += t1;
+                    p2 += t2;
+                    e1 += u * (k1 * std::fabs(t1) + (n > n0 ? std::fabs(p1) : 0.0));
+                    e2 += u * (k2 * std::fabs(t2) + (n > n0 ? std::fabs(p2) : 0.0));
+                }
+                err.first[c] += e1;
+                err.second[c] += e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0);
+            }
+    return err;
+}
+
+// Second-order terms and the float64 steps after the float32 sums: the first-order bounds above,
+// doubled.
+constexpr double kBlockBoundMargin = 2;
+
+// Per-channel values: |got - want| <= max_ulps * ulp(float(want)) + allowance[c].
+::testing::AssertionResult channels_within_ulps_plus(const std::string &what, const float *got,
+                                                     const std::vector<double> &want,
+                                                     double max_ulps,
+                                                     const std::vector<double> &allowance) {
+    std::vector<double> scale(want.size());
+    for (size_t c = 0; c < want.size(); c++) {
+        const float w = std::fabs(float(want[c]));
+        scale[c] = max_ulps * (double(std::nextafter(w, INFINITY)) - w) + allowance[c];
+    }
+    return channels_near(what, got, want, 1.0, scale);
+}
+
 // Runs family f (with the fused ops) on d through rt and checks every output against the
 // reference, every buffer's canaries, and that inputs are unchanged. eps is deliberately not
 // the default so a kernel that ignores it fails.
@@ -207,24 +299,73 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
         ref::RunningStats rs{to_double(d.running_mean), to_double(d.running_var), 5};
         const ref::ForwardResult r =
             ref::forward(v, rp, d.x.data(), d.weight.data(), d.bias.data(), &rs, zf);
+        // Float32 row blocks: the statistics' error bound, and what it moves in y and the
+        // running statistics (all 0 without blocks).
+        std::vector<double> mean_err(size_t(C), 0.0), var_err(size_t(C), 0.0),
+            invstd_err(size_t(C), 0.0);
+        std::vector<double> y_scale =
+            output_scale(v, d.x.data(), r, d.weight.data(), d.bias.data(), zf);
+        const int rows = p.training ? kernel_stat_rows(chosen_kernel(plan.get())) : 1;
+        if (rows > 1) {
+            auto xv = [&](int64_t c, int64_t s, int64_t n) { return double(d.x[v.at(n, c, s)]); };
+            const BlockSumError be = block_sum_error(
+                v, rows,
+                [&](int64_t c, int64_t s, int64_t n, int64_t n0, double *t1, double *k1,
+                    double *t2, double *k2) {
+                    const double e = xv(c, s, n) - xv(c, s, n0);  // float32: 1 rounding
+                    *t1 = e, *k1 = 1, *t2 = e * e, *k2 = 3;        // e*e: e's 2 and its own 1
+                },
+                [&](int64_t c, int64_t s, int64_t n0) { return xv(c, s, n0) - xv(c, 0, 0); });
+            const double count = double(v.n * v.s);
+            std::vector<double> spread(size_t(C), 0.0);  // max |x - mean|
+            v.for_each([&](int64_t c, int64_t i) {
+                spread[c] = std::max(spread[c], std::fabs(d.x[i] - r.mean[c]));
+            });
+            for (int64_t c = 0; c < C; c++) {
+                const double shift = double(d.x[v.at(0, c, 0)]);
+                mean_err[c] = kBlockBoundMargin * be.first[c] / count;
+                var_err[c] = kBlockBoundMargin * (be.second[c] / count +
+                                                  2 * std::fabs(r.mean[c] - shift) *
+                                                      be.first[c] / count);
+                invstd_err[c] = 0.5 * r.invstd[c] * var_err[c] / (r.biased_var[c] + eps);
+                y_scale[c] += std::fabs(d.weight[c]) *
+                              (spread[c] * invstd_err[c] + r.invstd[c] * mean_err[c]) /
+                              kTensorTol;
+            }
+        }
         const std::vector<float> got = y.values();
         EXPECT_TRUE(stored_near("y" + sfx + " " + where, dt, got.data(), r.y, v, kTensorTol,
-                                output_scale(v, d.x.data(), r, d.weight.data(), d.bias.data(),
-                                             zf)));
+                                y_scale));
         if (fused.relu) {
             int64_t negative = 0;
             for (float e : got) negative += !(e >= 0);  // NaN counts
             EXPECT_EQ(negative, 0) << "ReLU output below 0 (or NaN)";
         }
         if (p.training) {
-            EXPECT_TRUE(channels_within_ulps("save_mean " + where, save_mean.data(), r.mean,
-                                             kStatUlps));
-            EXPECT_TRUE(channels_within_ulps("save_invstd " + where, save_invstd.data(),
-                                             r.invstd, kStatUlps));
+            if (rows > 1) {
+                EXPECT_TRUE(channels_within_ulps_plus("save_mean_f32_rows " + where,
+                                                      save_mean.data(), r.mean, kStatUlps,
+                                                      mean_err));
+                EXPECT_TRUE(channels_within_ulps_plus("save_invstd_f32_rows " + where,
+                                                      save_invstd.data(), r.invstd, kStatUlps,
+                                                      invstd_err));
+            } else {
+                EXPECT_TRUE(channels_within_ulps("save_mean " + where, save_mean.data(), r.mean,
+                                                 kStatUlps));
+                EXPECT_TRUE(channels_within_ulps("save_invstd " + where, save_invstd.data(),
+                                                 r.invstd, kStatUlps));
+            }
+            std::vector<double> rm_scale = update_scale(d.running_mean, r.mean, rs.mean, 0.1),
+                                rv_scale = update_scale(d.running_var, r.biased_var, rs.var, 0.1);
+            const double unbias = double(v.n * v.s) / std::max<double>(1, double(v.n * v.s - 1));
+            for (int64_t c = 0; c < C; c++) {
+                rm_scale[c] += 0.1 * mean_err[c] / kReductionRtol;
+                rv_scale[c] += 0.1 * var_err[c] * unbias / kReductionRtol;
+            }
             EXPECT_TRUE(channels_near("running_mean " + where, rm.data(), rs.mean, kReductionRtol,
-                                      update_scale(d.running_mean, r.mean, rs.mean, 0.1)));
+                                      rm_scale));
             EXPECT_TRUE(channels_near("running_var " + where, rv.data(), rs.var, kReductionRtol,
-                                      update_scale(d.running_var, r.biased_var, rs.var, 0.1)));
+                                      rv_scale));
             EXPECT_EQ(nbt, 6);
         } else {
             EXPECT_EQ(rm.vec(), d.running_mean) << "eval must not change running_mean";
@@ -279,9 +420,44 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
             ref::backward(v, d.x.data(), dy_values.data(), d.weight.data(),
                           d.running_mean.data(), d.running_var.data(), sm, si, p.training, eps,
                           rf);
+        // Float32 row blocks: the sums' error bound, and what it moves in dx (0 without).
+        std::vector<double> dx_scale = gradient_scale(v, dy_values.data(), d.weight.data(), r.invstd);
+        std::vector<double> dbias_scale(r.dbias.size()), dweight_scale(r.dweight.size());
+        for (int64_t c = 0; c < C; c++) {
+            dbias_scale[c] = std::fabs(r.dbias[c]);
+            dweight_scale[c] = std::fabs(r.dweight[c]);
+        }
+        const float *sum_mean = p.training ? sm : d.running_mean.data();  // x - mean's mean
+        const int rows = kernel_stat_rows(chosen_kernel(plan.get()));
+        if (rows > 1) {
+            const BlockSumError be = block_sum_error(
+                v, rows,
+                [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
+                    double *k2) {
+                    const int64_t i = v.at(n, c, s);
+                    *t1 = r.dz[i], *k1 = 0;  // g: a stored value, exact
+                    *t2 = r.dz[i] * (double(d.x[i]) - sum_mean[c]), *k2 = 2;  // x - mean, product
+                },
+                nullptr);
+            const double count = double(v.n * v.s);
+            std::vector<double> spread(size_t(C), 0.0);  // max |x - mean|
+            v.for_each([&](int64_t c, int64_t i) {
+                spread[c] = std::max(spread[c], std::fabs(d.x[i] - double(sum_mean[c])));
+            });
+            for (int64_t c = 0; c < C; c++) {
+                const double sum_g_err = kBlockBoundMargin * be.first[c];
+                const double sum_g_xmu_err = kBlockBoundMargin * be.second[c];
+                const double a = r.invstd[c] * std::fabs(d.weight[c]);
+                dbias_scale[c] += sum_g_err / kReductionRtol;
+                dweight_scale[c] += sum_g_xmu_err * r.invstd[c] / kReductionRtol;
+                dx_scale[c] += a *
+                               (sum_g_err + spread[c] * r.invstd[c] * r.invstd[c] * sum_g_xmu_err) /
+                               count / kTensorTol;
+            }
+        }
         const std::vector<float> got_dx = dx.values();
         EXPECT_TRUE(stored_near("dx" + sfx + " " + where, dt, got_dx.data(), r.dx, v, kTensorTol,
-                                gradient_scale(v, dy_values.data(), d.weight.data(), r.invstd)));
+                                dx_scale));
         if (fused.residual) {
             // dz = g: dy where the mask is on, else 0; copies of stored values, so exact.
             const std::vector<float> got_dz = dz.values();
@@ -292,8 +468,10 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
                                 << ": got " << got_dz[first] << ", want " << r.dz[first];
             EXPECT_TRUE(dz.check_canaries("dz " + where));
         }
-        EXPECT_TRUE(channels_near("dweight " + where, dweight.data(), r.dweight, kReductionRtol));
-        EXPECT_TRUE(channels_near("dbias " + where, dbias.data(), r.dbias, kReductionRtol));
+        EXPECT_TRUE(channels_near("dweight " + where, dweight.data(), r.dweight, kReductionRtol,
+                                  dweight_scale));
+        EXPECT_TRUE(channels_near("dbias " + where, dbias.data(), r.dbias, kReductionRtol,
+                                  dbias_scale));
         EXPECT_TRUE(dx.check_canaries("dx " + where));
         for (auto *g : {&dweight, &dbias}) EXPECT_TRUE(g->check_canaries(where));
         EXPECT_TRUE(dy.check_canaries("dy " + where));

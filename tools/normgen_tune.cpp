@@ -109,9 +109,12 @@ std::vector<const json *> usable_trials(const json &trials,
     return out;
 }
 
-Winner best_over(const json &trials, const std::vector<std::string> &shapes) {
+// generic: for the family's generic entry, which generic kernels (any shape, any data) are
+// scheduled with: only knob sets keeping float64 terms (float32_stat_rows 1) qualify.
+Winner best_over(const json &trials, const std::vector<std::string> &shapes, bool generic) {
     Winner w;
     for (const json *t : usable_trials(trials, shapes)) {
+        if (generic && (*t)["knobs"].value("float32_stat_rows", 1) != 1) continue;
         std::vector<double> fr;
         for (const auto &s : shapes) fr.push_back(results_of(*t)[s]["frac_cold"].get<double>());
         const double g = geomean(fr);
@@ -167,7 +170,7 @@ void derive_entries(json &doc) {
         const json no_results = json::object();
         const json &baseline_results = baseline ? results_of(*baseline) : no_results;
         for (const Group &g : groups_of(task_shapes(state))) {
-            const Winner w = best_over(state["trials"], g.shapes);
+            const Winner w = best_over(state["trials"], g.shapes, g.shape == "generic");
             if (!w.trial) continue;
             json per_shape = json::object();
             std::vector<double> ms, gbps, warm, base;
@@ -486,7 +489,7 @@ private:
         const json &t = state()["trials"].back();
         std::vector<std::string> keys;
         for (const Shape &s : shapes_) keys.push_back(s.key());
-        const Winner best = best_over(state()["trials"], keys);
+        const Winner best = best_over(state()["trials"], keys, false);
         double mine = 0;
         if (t.contains("results")) {
             std::vector<double> fr;

@@ -107,6 +107,7 @@ std::vector<KnobChoices> search_space(const Task &t) {
         if (t.training()) {
             space.push_back({"stats_per_channel", {true, false}});
             space.push_back({"prefetch_next_channel", {false, true}});
+            space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
         }
         space.push_back({"channels_per_task", {1, 2, 4, 8, 16}});
     } else {
