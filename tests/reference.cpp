@@ -235,4 +235,27 @@ float decode16(uint16_t bits, Storage s) {
     return table[bits];
 }
 
+BlockSumError float32_block_sum_error(
+    const View &v, int rows, const BlockTerms &terms,
+    const std::function<double(int64_t c, int64_t s, int64_t n0)> &recentre) {
+    constexpr double u = 0x1p-24;
+    BlockSumError err{std::vector<double>(size_t(v.c), 0.0), std::vector<double>(size_t(v.c), 0.0)};
+    for (int64_t c = 0; c < v.c; c++)
+        for (int64_t s = 0; s < v.s; s++)
+            for (int64_t n0 = 0; n0 < v.n; n0 += rows) {
+                double p1 = 0, p2 = 0, e1 = 0, e2 = 0;
+                for (int64_t n = n0; n < std::min(v.n, n0 + rows); n++) {
+                    double t1, k1, t2, k2;
+                    terms(c, s, n, n0, &t1, &k1, &t2, &k2);
+                    p1 += t1;
+                    p2 += t2;
+                    e1 += u * (k1 * std::fabs(t1) + (n > n0 ? std::fabs(p1) : 0.0));
+                    e2 += u * (k2 * std::fabs(t2) + (n > n0 ? std::fabs(p2) : 0.0));
+                }
+                err.first[c] += e1;
+                err.second[c] += e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0);
+            }
+    return err;
+}
+
 }  // namespace normgen::ref

@@ -43,6 +43,14 @@
 //    Truncation). The report's "[storage ulps]" is large only where y cancels to ~0 and the
 //    fp32 term of the bound dominates.
 //    Statistics, running statistics, dweight and dbias stay fp32 and keep the fp32 bounds.
+//  - Kernels tuned with float32 row blocks (schedule knob float32_stat_rows > 1; exact and class
+//    kernels only, kernel_stat_rows finds out which) sum blocks of rows in float32 before their
+//    float64 sums. Their sums may also err by the blocks' rounding, which is bounded from the
+//    data (ref::float32_block_sum_error: Higham's running error bound, first order, doubled for
+//    the rest) and carried into every check: statistics within 2 ulps + that bound, y, dx, the
+//    running statistics, dweight and dbias within their tolerance + what the bound moves them
+//    by [worst: 0.24 of the bound with 16 rows on every generic shape here]. A mutation (the
+//    recentring's 2 o sum e term dropped) fails y, save_invstd and running_var.
 //  - dz (= dy masked by the ReLU, or dy) is a copy of stored values or 0: exact.
 //  - The ReLU mask in backward is recomputed by the kernel in fp32 from x, z and the statistics:
 //    pre = (x - mean) * (invstd * w) + b [+ z], ~4 fp32 roundings of terms of magnitude T =
@@ -193,44 +201,6 @@ int kernel_stat_rows(const std::string &kernel_name) {
     return 1;
 }
 
-// With float32_stat_rows = m, a kernel sums each block of m rows (at one s) in float32, term by
-// term in row order, before the block joins the float64 sums. This bounds that float32 sum's
-// error from the data, as Higham's running error bound of a recursive sum: a term t_j
-// computed with relative error k*u (u = 2^-24) and added to the partial sum P_j errs by at most
-// k*u*|t_j| + u*|P_j| (first order; the partial sums taken exactly here). Per channel:
-// first/second bound the error of the kernel's sums of the two terms, in float64 units.
-struct BlockSumError {
-    std::vector<double> first, second;
-};
-// terms(c, s, n, n0, &t1, &k1, &t2, &k2): the block's exact terms at row n (n0: its first row)
-// and the relative error (in units of u) of the kernel's float32 evaluation of each.
-// recentre(c, s, n0): the offset o the kernel moves the block's sums by in float64 (forward:
-// sum d^2 = sum e^2 + 2 o sum e + m o^2, so sum e's error counts 2|o| times in the second);
-// null: none (backward).
-using BlockTerms = std::function<void(int64_t c, int64_t s, int64_t n, int64_t n0, double *t1,
-                                      double *k1, double *t2, double *k2)>;
-BlockSumError block_sum_error(const ref::View &v, int rows, const BlockTerms &terms,
-                              const std::function<double(int64_t, int64_t, int64_t)> &recentre) {
-    constexpr double u = 0x1p-24;
-    BlockSumError err{std::vector<double>(size_t(v.c), 0.0), std::vector<double>(size_t(v.c), 0.0)};
-    for (int64_t c = 0; c < v.c; c++)
-        for (int64_t s = 0; s < v.s; s++)
-            for (int64_t n0 = 0; n0 < v.n; n0 += rows) {
-                double p1 = 0, p2 = 0, e1 = 0, e2 = 0;
-                for (int64_t n = n0; n < std::min(v.n, n0 + rows); n++) {
-                    double t1, k1, t2, k2;
-                    terms(c, s, n, n0, &t1, &k1, &t2, &k2);
-                    p1 += t1;
-                    p2 += t2;
-                    e1 += u * (k1 * std::fabs(t1) + (n > n0 ? std::fabs(p1) : 0.0));
-                    e2 += u * (k2 * std::fabs(t2) + (n > n0 ? std::fabs(p2) : 0.0));
-                }
-                err.first[c] += e1;
-                err.second[c] += e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0);
-            }
-    return err;
-}
-
 // Second-order terms and the float64 steps after the float32 sums: the first-order bounds above,
 // doubled.
 constexpr double kBlockBoundMargin = 2;
@@ -308,7 +278,7 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
         const int rows = p.training ? kernel_stat_rows(chosen_kernel(plan.get())) : 1;
         if (rows > 1) {
             auto xv = [&](int64_t c, int64_t s, int64_t n) { return double(d.x[v.at(n, c, s)]); };
-            const BlockSumError be = block_sum_error(
+            const ref::BlockSumError be = ref::float32_block_sum_error(
                 v, rows,
                 [&](int64_t c, int64_t s, int64_t n, int64_t n0, double *t1, double *k1,
                     double *t2, double *k2) {
@@ -430,7 +400,7 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
         const float *sum_mean = p.training ? sm : d.running_mean.data();  // x - mean's mean
         const int rows = kernel_stat_rows(chosen_kernel(plan.get()));
         if (rows > 1) {
-            const BlockSumError be = block_sum_error(
+            const ref::BlockSumError be = ref::float32_block_sum_error(
                 v, rows,
                 [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
                     double *k2) {
