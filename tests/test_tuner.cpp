@@ -2,7 +2,8 @@
 // reference, so a wrong candidate must be rejected. Builds two real candidates with the
 // generator (about a second each): a correct one, and a deliberately wrong one (generated with
 // a fused ReLU but offered as plain BatchNorm: a plausible build mistake), plus tampered
-// outputs of a correct one; and checks the shape-class buckets tuned entries are keyed by.
+// outputs of a correct one; the same with float32 row blocks; and checks the shape-class buckets
+// tuned entries are keyed by.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -86,6 +87,28 @@ TEST(Tuner, PrefetchNextChannelChangesNoResultBit) {
     }
 }
 
+// float32_stat_rows: blocked candidates pass the check (the backward's sums with their blocks'
+// error bound as allowance), and the allowance does not let a wrong candidate through.
+TEST(Tuner, Float32RowBlocksPassTheCheckAndAWrongOneDoesNot) {
+    CpuKnobs blocked;
+    blocked.float32_stat_rows = 16;
+    for (const Task &task : {kFwdTrain, Task{"bn_bwd_train", "contig"}}) {
+        auto cand = Candidate::build(tools(), task, isa_target(best_host_isa()), blocked);
+        EXPECT_EQ(check_candidate(*cand, task, check_shapes()), "") << task.key();
+    }
+    auto wrong = Candidate::build(tools(), kFwdTrain, isa_target(best_host_isa()), blocked,
+                                  {"activation=relu"});
+    const std::string why = check_candidate(*wrong, kFwdTrain, check_shapes());
+    EXPECT_NE(why.find("y["), std::string::npos) << "rejection reason: '" << why << "'";
+    // A wrong blocked backward (built for eval mode: it takes the running statistics where
+    // training takes the saved batch ones) is rejected too, allowance or not.
+    const Task bwd{"bn_bwd_train", "contig"};
+    auto wrong_bwd = Candidate::build(tools(), bwd, isa_target(best_host_isa()), blocked,
+                                      {"mode=eval"});
+    const std::string why_bwd = check_candidate(*wrong_bwd, bwd, check_shapes());
+    EXPECT_NE(why_bwd.find("dx["), std::string::npos) << "rejection reason: '" << why_bwd << "'";
+}
+
 TEST(Tuner, ShapeClassBuckets) {
     EXPECT_EQ(shape_class_of(64, 3136).key(), "class_c64to256_s1024to16384");
     EXPECT_EQ(shape_class_of(2048, 49).key(), "class_c1024toinf_s2to64");
@@ -103,7 +126,10 @@ TEST(Tuner, KnobsRoundTripThroughTheOneParser) {
     k.vectors = 4;
     k.stats_per_channel = false;
     k.channels_per_task = 8;
+    k.float32_stat_rows = 16;
     EXPECT_TRUE(parse_cpu_knobs(k.to_json(), "test") == k);
+    EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"float32_stat_rows", 0}}, "test"),
+                 std::runtime_error);
     EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"vectors", 0}}, "test"), std::runtime_error);
     EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"no_such_knob", 1}}, "test"), std::runtime_error);
 }
