@@ -3,7 +3,8 @@
 //
 //   g = dy, or with ReLU g = dy where the forward's pre-activation bn(x) [+ z] > 0, else 0 (the
 //       mask is recomputed from x, z and the statistics: no y buffer is needed); dz = g
-//   sums per channel:  sum_g = sum(g),  sum_g_xmu = sum(g * (x - mean))        (float64)
+//   sums per channel:  sum_g = sum(g),  sum_g_xmu = sum(g * (x - mean))        (float64;
+//                      with float32_stat_rows, of float32 sums over blocks of rows)
 //   dweight = sum_g_xmu * invstd,  dbias = sum_g
 //   training (batch statistics, mean/invstd saved by the forward pass), M = N*S:
 //     dx = (g - sum_g / M - (x - mean) * invstd^2 * sum_g_xmu / M) * invstd * w

@@ -9,7 +9,8 @@
 // Stability: sums are taken of d = x - k_c, k_c being the channel's first element, in float64.
 // k_c lies within the data's spread, so E[d^2] - E[d]^2 does not cancel even when the mean is 1e4
 // times the deviation, and bn(x) = (x - k_c) * scale + (b - (mean - k_c) * scale) never rounds the
-// mean to float: y is as exact as its float32 arithmetic allows.
+// mean to float: y is as exact as its float32 arithmetic allows. Kernels tuned with the
+// float32_stat_rows knob sum blocks of rows in float32 first (define_channel_sums).
 #include "generator_common.h"
 
 namespace normgen {
