@@ -235,10 +235,16 @@ float decode16(uint16_t bits, Storage s) {
     return table[bits];
 }
 
-BlockSumError float32_block_sum_error(
-    const View &v, int rows, const BlockTerms &terms,
-    const std::function<double(int64_t c, int64_t s, int64_t n0)> &recentre) {
-    constexpr double u = 0x1p-24;
+namespace {
+
+// terms(c, s, n, n0, &t1, &k1, &t2, &k2): the exact terms at row n of the block starting at row
+// n0, and the relative error (in units of u) of the kernel's float32 evaluation of each.
+// recentre(c, s, n0): the block's offset (see forward_block_sum_error), or null.
+using BlockTerms = std::function<void(int64_t c, int64_t s, int64_t n, int64_t n0, double *t1,
+                                      double *k1, double *t2, double *k2)>;
+BlockSumError block_sum_error(const View &v, int rows, const BlockTerms &terms,
+                              const std::function<double(int64_t c, int64_t s, int64_t n0)> &recentre) {
+    constexpr double u = 0x1p-24, margin = 2;
     BlockSumError err{std::vector<double>(size_t(v.c), 0.0), std::vector<double>(size_t(v.c), 0.0)};
     for (int64_t c = 0; c < v.c; c++)
         for (int64_t s = 0; s < v.s; s++)
@@ -252,10 +258,39 @@ BlockSumError float32_block_sum_error(
                     e1 += u * (k1 * std::fabs(t1) + (n > n0 ? std::fabs(p1) : 0.0));
                     e2 += u * (k2 * std::fabs(t2) + (n > n0 ? std::fabs(p2) : 0.0));
                 }
-                err.first[c] += e1;
-                err.second[c] += e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0);
+                err.first[c] += margin * e1;
+                err.second[c] +=
+                    margin * (e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0));
             }
     return err;
+}
+
+}  // namespace
+
+BlockSumError forward_block_sum_error(const View &v, int rows, const float *x) {
+    auto at = [&](int64_t c, int64_t s, int64_t n) { return double(x[v.at(n, c, s)]); };
+    return block_sum_error(
+        v, rows,
+        [&](int64_t c, int64_t s, int64_t n, int64_t n0, double *t1, double *k1, double *t2,
+            double *k2) {
+            const double e = at(c, s, n) - at(c, s, n0);  // float32: 1 rounding
+            *t1 = e, *k1 = 1, *t2 = e * e, *k2 = 3;       // e*e: e's 2 and its own 1
+        },
+        [&](int64_t c, int64_t s, int64_t n0) { return at(c, s, n0) - at(c, 0, 0); });
+}
+
+BlockSumError backward_block_sum_error(const View &v, int rows, const float *x,
+                                       const std::function<double(int64_t i)> &g,
+                                       const float *mean) {
+    return block_sum_error(
+        v, rows,
+        [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
+            double *k2) {
+            const int64_t i = v.at(n, c, s);
+            *t1 = g(i), *k1 = 0;                                  // a stored value: exact
+            *t2 = g(i) * (double(x[i]) - mean[c]), *k2 = 2;       // x - mean, the product
+        },
+        nullptr);
 }
 
 }  // namespace normgen::ref

@@ -110,23 +110,22 @@ float decode16(uint16_t bits, Storage s);
 
 // Float32 row blocks (the float32_stat_rows schedule knob): a contiguous kernel sums each block
 // of `rows` rows (at one s) in float32, term by term in row order, before the block joins its
-// float64 sums. This bounds that float32 sum's error from the data, as Higham's running error
+// float64 sums. These bound that float32 sum's error from the data, as Higham's running error
 // bound of a recursive sum: a term t_j computed with relative error k*u (u = 2^-24) and added to
 // the partial sum P_j errs by at most k*u*|t_j| + u*|P_j| (first order; the partial sums taken
-// exactly here). Per channel, first/second bound the error of the kernel's sums of its two
-// terms.
+// exactly), doubled for second-order terms and the float64 steps. Per channel, first/second
+// bound the error of the kernel's sums of its two terms.
 struct BlockSumError {
     std::vector<double> first, second;
 };
-// terms(c, s, n, n0, &t1, &k1, &t2, &k2): the exact terms at row n of the block starting at row
-// n0, and the relative error (in units of u) of the kernel's float32 evaluation of each.
-// recentre(c, s, n0): the offset o the kernel moves a block's sums by in float64 (the forward's
-// sum d^2 = sum e^2 + 2 o sum e + m o^2, so sum e's error counts 2|o| times in the second);
-// null for none (the backward).
-using BlockTerms = std::function<void(int64_t c, int64_t s, int64_t n, int64_t n0, double *t1,
-                                      double *k1, double *t2, double *k2)>;
-BlockSumError float32_block_sum_error(
-    const View &v, int rows, const BlockTerms &terms,
-    const std::function<double(int64_t c, int64_t s, int64_t n0)> &recentre);
+// The forward's sums of d and d^2, d = x - x(0, c, 0): the kernel takes e = x - x(block's first
+// row) in float32 and moves the block's sums to d in float64 (sum d^2 = sum e^2 + 2 o sum e +
+// m o^2, o the block's offset), so sum e's error counts 2|o| times in the second.
+BlockSumError forward_block_sum_error(const View &v, int rows, const float *x);
+// The backward's sums of g and g * (x - mean): g(i) the gradient at element i (dy, masked by
+// the ReLU), a stored value; x - mean and the product each round once in float32.
+BlockSumError backward_block_sum_error(const View &v, int rows, const float *x,
+                                       const std::function<double(int64_t i)> &g,
+                                       const float *mean);
 
 }  // namespace normgen::ref

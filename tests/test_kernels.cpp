@@ -46,8 +46,8 @@
 //  - Kernels tuned with float32 row blocks (schedule knob float32_stat_rows > 1; exact and class
 //    kernels only, kernel_stat_rows finds out which) sum blocks of rows in float32 before their
 //    float64 sums. Their sums may also err by the blocks' rounding, which is bounded from the
-//    data (ref::float32_block_sum_error: Higham's running error bound, first order, doubled for
-//    the rest) and carried into every check: statistics within 2 ulps + that bound, y, dx, the
+//    data (ref::{forward,backward}_block_sum_error: Higham's running error bound, first order,
+//    doubled for the rest) and carried into every check: statistics within 2 ulps + that bound, y, dx, the
 //    running statistics, dweight and dbias within their tolerance + what the bound moves them
 //    by [worst: 0.24 of the bound with 16 rows on every generic shape here]. A mutation (the
 //    recentring's 2 o sum e term dropped) fails y, save_invstd and running_var.
@@ -201,10 +201,6 @@ int kernel_stat_rows(const std::string &kernel_name) {
     return 1;
 }
 
-// Second-order terms and the float64 steps after the float32 sums: the first-order bounds above,
-// doubled.
-constexpr double kBlockBoundMargin = 2;
-
 // Per-channel values: |got - want| <= max_ulps * ulp(float(want)) + allowance[c].
 ::testing::AssertionResult channels_within_ulps_plus(const std::string &what, const float *got,
                                                      const std::vector<double> &want,
@@ -277,15 +273,7 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
             output_scale(v, d.x.data(), r, d.weight.data(), d.bias.data(), zf);
         const int rows = p.training ? kernel_stat_rows(chosen_kernel(plan.get())) : 1;
         if (rows > 1) {
-            auto xv = [&](int64_t c, int64_t s, int64_t n) { return double(d.x[v.at(n, c, s)]); };
-            const ref::BlockSumError be = ref::float32_block_sum_error(
-                v, rows,
-                [&](int64_t c, int64_t s, int64_t n, int64_t n0, double *t1, double *k1,
-                    double *t2, double *k2) {
-                    const double e = xv(c, s, n) - xv(c, s, n0);  // float32: 1 rounding
-                    *t1 = e, *k1 = 1, *t2 = e * e, *k2 = 3;        // e*e: e's 2 and its own 1
-                },
-                [&](int64_t c, int64_t s, int64_t n0) { return xv(c, s, n0) - xv(c, 0, 0); });
+            const ref::BlockSumError be = ref::forward_block_sum_error(v, rows, d.x.data());
             const double count = double(v.n * v.s);
             std::vector<double> spread(size_t(C), 0.0);  // max |x - mean|
             v.for_each([&](int64_t c, int64_t i) {
@@ -293,10 +281,9 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
             });
             for (int64_t c = 0; c < C; c++) {
                 const double shift = double(d.x[v.at(0, c, 0)]);
-                mean_err[c] = kBlockBoundMargin * be.first[c] / count;
-                var_err[c] = kBlockBoundMargin * (be.second[c] / count +
-                                                  2 * std::fabs(r.mean[c] - shift) *
-                                                      be.first[c] / count);
+                mean_err[c] = be.first[c] / count;
+                var_err[c] = be.second[c] / count +
+                             2 * std::fabs(r.mean[c] - shift) * be.first[c] / count;
                 invstd_err[c] = 0.5 * r.invstd[c] * var_err[c] / (r.biased_var[c] + eps);
                 y_scale[c] += std::fabs(d.weight[c]) *
                               (spread[c] * invstd_err[c] + r.invstd[c] * mean_err[c]) /
@@ -400,23 +387,16 @@ void check_family(ng_runtime *rt, const std::string &isa, Family f, const CaseDa
         const float *sum_mean = p.training ? sm : d.running_mean.data();  // x - mean's mean
         const int rows = kernel_stat_rows(chosen_kernel(plan.get()));
         if (rows > 1) {
-            const ref::BlockSumError be = ref::float32_block_sum_error(
-                v, rows,
-                [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
-                    double *k2) {
-                    const int64_t i = v.at(n, c, s);
-                    *t1 = r.dz[i], *k1 = 0;  // g: a stored value, exact
-                    *t2 = r.dz[i] * (double(d.x[i]) - sum_mean[c]), *k2 = 2;  // x - mean, product
-                },
-                nullptr);
+            const ref::BlockSumError be = ref::backward_block_sum_error(
+                v, rows, d.x.data(), [&](int64_t i) { return r.dz[i]; }, sum_mean);
             const double count = double(v.n * v.s);
             std::vector<double> spread(size_t(C), 0.0);  // max |x - mean|
             v.for_each([&](int64_t c, int64_t i) {
                 spread[c] = std::max(spread[c], std::fabs(d.x[i] - double(sum_mean[c])));
             });
             for (int64_t c = 0; c < C; c++) {
-                const double sum_g_err = kBlockBoundMargin * be.first[c];
-                const double sum_g_xmu_err = kBlockBoundMargin * be.second[c];
+                const double sum_g_err = be.first[c];
+                const double sum_g_xmu_err = be.second[c];
                 const double a = r.invstd[c] * std::fabs(d.weight[c]);
                 dbias_scale[c] += sum_g_err / kReductionRtol;
                 dweight_scale[c] += sum_g_xmu_err * r.invstd[c] / kReductionRtol;

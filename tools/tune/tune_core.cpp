@@ -414,21 +414,15 @@ std::string Workload::compare_with_reference(int float32_stat_rows) const {
     if (task_.backward()) {
         const auto want = ref::backward(v, x_, dy_, weight_.data(), nullptr, nullptr,
                                         given_mean_.data(), given_invstd_.data(), true, 1e-5);
-        // Float32 row blocks: the sums' running error bound, doubled (as in test_kernels).
+        // Float32 row blocks: the sums' error bound (as in test_kernels).
         std::vector<double> dweight_allow, dbias_allow;
         if (float32_stat_rows > 1 && !v.channels_last) {
-            const ref::BlockSumError be = ref::float32_block_sum_error(
-                v, float32_stat_rows,
-                [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
-                    double *k2) {
-                    const int64_t i = v.at(n, c, s);
-                    *t1 = dy_[i], *k1 = 0;
-                    *t2 = double(dy_[i]) * (double(x_[i]) - given_mean_[size_t(c)]), *k2 = 2;
-                },
-                nullptr);
+            const ref::BlockSumError be = ref::backward_block_sum_error(
+                v, float32_stat_rows, x_, [&](int64_t i) { return double(dy_[i]); },
+                given_mean_.data());
             for (int64_t c = 0; c < v.c; c++) {
-                dbias_allow.push_back(2 * be.first[size_t(c)]);
-                dweight_allow.push_back(2 * be.second[size_t(c)] * given_invstd_[size_t(c)]);
+                dbias_allow.push_back(be.first[size_t(c)]);
+                dweight_allow.push_back(be.second[size_t(c)] * given_invstd_[size_t(c)]);
             }
         }
         for (const auto &msg :
