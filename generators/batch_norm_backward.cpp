@@ -83,7 +83,7 @@ public:
 
         Expr spatial = x->dim(p.view.spatial_dim()).extent();
         Expr batch = x->dim(CanonicalView::batch_dim).extent();
-        define_channel_sums(p, *x, [&](Expr s_, Expr n_, Type type, Expr) {
+        define_channel_sums(p, *x, [&](Expr s_, Expr n_, Type type, const BlockFirstRow &) {
             Expr g_at = cast(type, grad_at(s_, n_));
             Expr xmu = cast(type, load(p.view.at(*x, s_, c, n_))) - cast(type, mean(c));
             return std::make_pair(g_at, g_at * xmu);

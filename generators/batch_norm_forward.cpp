@@ -66,12 +66,14 @@ public:
             auto value = [&](Expr s_, Expr n_) { return load(p.view.at(*x, s_, c, n_)); };
             define_channel_sums(
                 p, *x,
-                [&](Expr s_, Expr n_, Type type, Expr n0) {
-                    Expr about = n0.defined() ? value(s_, n0) : shift(c);
+                [&](Expr s_, Expr n_, Type type, const BlockFirstRow &first) {
+                    Expr about = first.defined() ? value(first.s, first.n) : shift(c);
                     Expr d = cast(type, value(s_, n_)) - cast(type, about);
                     return std::make_pair(d, d * d);
                 },
-                [&](Expr s_, Expr n0) { return f64(value(s_, n0)) - f64(shift(c)); });
+                [&](const BlockFirstRow &first) {
+                    return f64(value(first.s, first.n)) - f64(shift(c));
+                });
             Expr spatial = x->dim(p.view.spatial_dim()).extent();
             Expr batch = x->dim(CanonicalView::batch_dim).extent();
             Expr count = f64(spatial) * f64(batch);

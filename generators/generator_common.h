@@ -174,26 +174,33 @@ protected:
         return reinterpret<float>(reinterpret<uint32_t>(value) | (bits & mask));
     }
 
+    // The position of an element's column in the first row of its float32 block: (s, n0) in
+    // the contiguous layout (rows: the S elements of one n), (s0, n) in channels-last (rows: the
+    // C channels of one s). Undefined when every term is computed in float64.
+    struct BlockFirstRow {
+        Halide::Expr s, n;
+        bool defined() const { return s.defined(); }
+    };
     // The per-channel sums over (s, n) of two terms, in float64: p.r and p.sums(c) = Tuple(sum of
-    // the first, sum of the second). terms(s, n, type, n0) gives the two terms at (s, n) computed
-    // in `type`. Plainly (n0 undefined) every term is computed in float64. With the
-    // float32_stat_rows knob (contiguous CPU schedules) the terms of each block of that many rows
-    // are summed in float32 first (p.row_blocks), and the block sums in float64.
+    // the first, sum of the second). terms(s, n, type, first) gives the two terms at (s, n)
+    // computed in `type`. Plainly (first undefined) every term is computed in float64. With the
+    // float32_stat_rows knob (CPU schedules) the terms of each block of that many rows are summed
+    // in float32 first (p.row_blocks), and the block sums in float64.
     // A variance's terms (d, d*d), d = v - k_c, would lose precision in float32 wherever a block
     // lies far from k_c (a float32 d*d keeps 24 bits of d's offset, not of its spread). So a
-    // variance passes `recentre`: its float32 terms are then taken about v(s, n0), the block's
-    // first row (e = v(s, n) - v(s, n0), terms (e, e*e)), and recentre(s, n0) = v(s, n0) - k_c,
-    // in float64, moves each block's sums back to k_c: sum d = sum e + m o,
-    // sum d^2 = sum e^2 + 2 o sum e + m o^2 (o the offset, m the block's rows). Other terms
-    // (products like g * (x - mean)) are summed as they are.
+    // variance passes `recentre`: its float32 terms are then taken about v(first), the same
+    // column in the block's first row (e = v(s, n) - v(first), terms (e, e*e)), and
+    // recentre(first) = v(first) - k_c, in float64, moves each block's sums back to k_c:
+    // sum d = sum e + m o, sum d^2 = sum e^2 + 2 o sum e + m o^2 (o the offset, m the block's
+    // rows). Other terms (products like g * (x - mean)) are summed as they are.
     using ChannelTerms = std::function<std::pair<Halide::Expr, Halide::Expr>(
-        Halide::Expr s, Halide::Expr n, Halide::Type type, Halide::Expr n0)>;
-    using BlockOffset = std::function<Halide::Expr(Halide::Expr s, Halide::Expr n0)>;
+        Halide::Expr s, Halide::Expr n, Halide::Type type, const BlockFirstRow &first)>;
+    using BlockOffset = std::function<Halide::Expr(const BlockFirstRow &first)>;
     // `tensor` gives the extents of (s, n).
     void define_channel_sums(NormPipeline &p, const TensorInput &tensor, const ChannelTerms &terms,
                              const BlockOffset &recentre = nullptr) const {
         using namespace Halide;
-        const Var &c = p.view.c;
+        const Var &c = p.view.c, &s = p.view.s, &n = p.view.n;
         Expr spatial = tensor.dim(p.view.spatial_dim()).extent();
         Expr batch = tensor.dim(CanonicalView::batch_dim).extent();
         p.sums = Func("sums");
@@ -201,37 +208,51 @@ protected:
         const int rows = float32_stat_rows();
         if (rows == 1) {
             p.r = RDom(0, spatial, 0, batch, "r");
-            auto [first, second] = terms(p.r.x, p.r.y, Float(64), Expr());
+            auto [first, second] = terms(p.r.x, p.r.y, Float(64), BlockFirstRow{});
             p.sums(c) = Tuple(p.sums(c)[0] + first, p.sums(c)[1] + second);
             return;
         }
-        const Var &s = p.view.s, &block = p.view.n;
+        // Blocks run along n in the contiguous layout, along s in channels-last; `block` is the
+        // block's index in that dimension, and its Var takes that dimension's place.
+        const bool along_n = p.view.layout == Layout::Contiguous;
+        const Expr row_count = along_n ? batch : spatial;
         RDom j(0, rows, "j");
-        Expr first_row = block * rows;
-        j.where(first_row + j < batch);
-        // The clamp only keeps bounds inference within the tensor; `where` skips those rows.
-        auto [first, second] = terms(s, min(first_row + j, batch - 1), Float(32), first_row);
         p.row_blocks = Func("row_blocks");
-        p.row_blocks(s, c, block) = Tuple(0.0f, 0.0f);
-        p.row_blocks(s, c, block) =
-            Tuple(p.row_blocks(s, c, block)[0] + first, p.row_blocks(s, c, block)[1] + second);
-
-        p.r = RDom(0, spatial, 0, (batch + rows - 1) / rows, "r");
-        Tuple block_sums = p.row_blocks(p.r.x, c, p.r.y);
+        {
+            const Var &block = along_n ? n : s;
+            Expr first_row = block * rows;
+            j.where(first_row + j < row_count);
+            // The clamp only keeps bounds inference within the tensor; `where` skips those rows.
+            Expr row = min(first_row + j, row_count - 1);
+            auto [first, second] =
+                along_n ? terms(s, row, Float(32), BlockFirstRow{s, first_row})
+                        : terms(row, n, Float(32), BlockFirstRow{first_row, n});
+            std::vector<Var> args = p.view.storage_args();
+            p.row_blocks(args) = Tuple(0.0f, 0.0f);
+            p.row_blocks(args) =
+                Tuple(p.row_blocks(args)[0] + first, p.row_blocks(args)[1] + second);
+        }
+        const Expr blocks = (row_count + rows - 1) / rows;
+        p.r = along_n ? RDom(0, spatial, 0, blocks, "r") : RDom(0, blocks, 0, batch, "r");
+        const BlockFirstRow first = along_n ? BlockFirstRow{p.r.x, p.r.y * rows}
+                                            : BlockFirstRow{p.r.x * rows, p.r.y};
+        Tuple block_sums = p.row_blocks(p.view.layout == Layout::Contiguous
+                                            ? std::vector<Expr>{p.r.x, c, p.r.y}
+                                            : std::vector<Expr>{c, p.r.x, p.r.y});
         Expr sum_first = cast<double>(block_sums[0]), sum_second = cast<double>(block_sums[1]);
         if (recentre) {
-            Expr offset = recentre(p.r.x, p.r.y * rows);
-            Expr m = cast<double>(min(rows, batch - p.r.y * rows));
+            Expr offset = recentre(first);
+            Expr m = cast<double>(min(rows, row_count - (along_n ? first.n : first.s)));
             sum_second += offset * (2 * sum_first + m * offset);
             sum_first += m * offset;
         }
         p.sums(c) = Tuple(p.sums(c)[0] + sum_first, p.sums(c)[1] + sum_second);
     }
 
-    // Rows per float32 block of the statistics (1: none). Channels-last kernels see one row of
-    // N*S elements, and the CUDA schedule reduces across threads: both keep float64 terms.
+    // Rows per float32 block of the statistics (1: none). The CUDA schedule reduces across
+    // threads and keeps float64 terms.
     int float32_stat_rows() const {
-        if (choice_.cuda || layout != Layout::Contiguous) return 1;
+        if (choice_.cuda) return 1;
         return choice_.cpu.float32_stat_rows;
     }
 

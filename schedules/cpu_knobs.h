@@ -25,14 +25,17 @@ struct CpuKnobs {
     // ResNet shapes with slices up to 100 KiB and lost up to 0.1 on 400 KiB+ slices, where the
     // tuned entries turn it off.
     bool prefetch_next_channel = true;
-    // Contiguous layout, kernels with sums (forward training, backward): each block of this
-    // many rows (a row: the S elements of one n) is summed in float32, then joins the channel's
-    // float64 sums. 1 widens every term to float64: results within 2 ulps of float64 for any
-    // input, the default and what generic kernels keep (the tuner sets it per tuned shape only).
-    // More rows widen once per block: the statistics loop needs about half the instructions
-    // (+0.1-0.2 of a copy on ResNet-50 shapes here), the sums then carry the float32 rounding
-    // of a block's terms (bounded from the data in tests/test_kernels.cpp, a few ulps of the
-    // block), and a block whose terms sum beyond float32's range (|terms| ~ 1e37) overflows.
+    // Kernels with sums (forward training, backward): each block of this many rows is summed in
+    // float32, then joins the channel's float64 sums (a row: contiguous, the S elements of one
+    // n; channels-last, the C channels of one (n, s), whose blocks are summed one vector of
+    // channels at a time down the block's rows, in registers). 1 widens every term to float64:
+    // results within 2 ulps of float64 for any input, the default and what generic kernels keep
+    // (the tuner sets it per tuned shape only). More rows widen once per block: the statistics
+    // loop needs about half the instructions (+0.1-0.2 of a copy on contiguous ResNet-50 shapes
+    // here; channels-last, +0.07-0.12 on C >= 512, where float64 partial sums of every channel
+    // went through memory), the sums then carry the float32 rounding of a block's terms
+    // (bounded from the data in tests/test_kernels.cpp, a few ulps of the block), and a block
+    // whose terms sum beyond float32's range (|terms| ~ 1e37) overflows.
     // The forward's variance terms are taken about each block's first row (not the channel's
     // first element), so that a block far from that element loses no precision.
     int float32_stat_rows = 1;

@@ -86,16 +86,28 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
     }
 
     if (p.sums.defined()) {
+        // With float32 row blocks, sums' reduction runs over blocks of rows, not rows.
+        const int block_rows = p.row_blocks.defined() ? k.float32_stat_rows : 1;
         RVar block("block"), in_block("in_block");
         Var u("u");
         Func partial = p.sums.update()
-                           .split(p.r.x, block, in_block, rows_per_task, TailStrategy::GuardWithIf)
+                           .split(p.r.x, block, in_block, max(1, rows_per_task / block_rows),
+                                  TailStrategy::GuardWithIf)
                            .rfactor(block, u);
         partial.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
         partial.update()
             .reorder(c, in_block, p.r.y, u)
             .vectorize(c, lanes, TailStrategy::GuardWithIf)
             .parallel(u);
+        if (p.row_blocks.defined()) {
+            // A block's float32 sums, one vector of channels at a time down the block's rows
+            // (in registers; the block's rows are R streams at a stride of C elements), then
+            // widened into partial.
+            const RVar row_in_block = p.row_blocks.rvars(0)[0];
+            p.row_blocks.compute_at(partial, in_block).vectorize(c, lanes, TailStrategy::GuardWithIf);
+            p.row_blocks.update().reorder(row_in_block, c);
+            p.row_blocks.update().vectorize(c, lanes, TailStrategy::GuardWithIf);
+        }
         p.sums.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
         p.sums.update().vectorize(c, lanes, TailStrategy::GuardWithIf);
     }

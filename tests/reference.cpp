@@ -237,30 +237,36 @@ float decode16(uint16_t bits, Storage s) {
 
 namespace {
 
-// terms(c, s, n, n0, &t1, &k1, &t2, &k2): the exact terms at row n of the block starting at row
-// n0, and the relative error (in units of u) of the kernel's float32 evaluation of each.
-// recentre(c, s, n0): the block's offset (see forward_block_sum_error), or null.
-using BlockTerms = std::function<void(int64_t c, int64_t s, int64_t n, int64_t n0, double *t1,
-                                      double *k1, double *t2, double *k2)>;
+// terms(c, i, i0, &t1, &k1, &t2, &k2): the exact terms at element i of a block whose first row
+// holds i0 in the same column, and the relative error (in units of u) of the kernel's float32
+// evaluation of each. recentre(c, i0): the block's offset (see forward_block_sum_error), or null.
+using BlockTerms = std::function<void(int64_t c, int64_t i, int64_t i0, double *t1, double *k1,
+                                      double *t2, double *k2)>;
 BlockSumError block_sum_error(const View &v, int rows, const BlockTerms &terms,
-                              const std::function<double(int64_t c, int64_t s, int64_t n0)> &recentre) {
+                              const std::function<double(int64_t c, int64_t i0)> &recentre) {
     constexpr double u = 0x1p-24, margin = 2;
     BlockSumError err{std::vector<double>(size_t(v.c), 0.0), std::vector<double>(size_t(v.c), 0.0)};
+    // The kernel's rows: contiguous, the n of each (c, s) column; channels-last, the (n, s) of
+    // channel c in storage order (one column per channel).
+    const int64_t columns = v.channels_last ? 1 : v.s, column_rows = v.channels_last ? v.n * v.s : v.n;
+    auto element = [&](int64_t c, int64_t column, int64_t row) {
+        return v.channels_last ? v.at(row / v.s, c, row % v.s) : v.at(row, c, column);
+    };
     for (int64_t c = 0; c < v.c; c++)
-        for (int64_t s = 0; s < v.s; s++)
-            for (int64_t n0 = 0; n0 < v.n; n0 += rows) {
+        for (int64_t column = 0; column < columns; column++)
+            for (int64_t r0 = 0; r0 < column_rows; r0 += rows) {
+                const int64_t i0 = element(c, column, r0);
                 double p1 = 0, p2 = 0, e1 = 0, e2 = 0;
-                for (int64_t n = n0; n < std::min(v.n, n0 + rows); n++) {
+                for (int64_t r = r0; r < std::min(column_rows, r0 + rows); r++) {
                     double t1, k1, t2, k2;
-                    terms(c, s, n, n0, &t1, &k1, &t2, &k2);
+                    terms(c, element(c, column, r), i0, &t1, &k1, &t2, &k2);
                     p1 += t1;
                     p2 += t2;
-                    e1 += u * (k1 * std::fabs(t1) + (n > n0 ? std::fabs(p1) : 0.0));
-                    e2 += u * (k2 * std::fabs(t2) + (n > n0 ? std::fabs(p2) : 0.0));
+                    e1 += u * (k1 * std::fabs(t1) + (r > r0 ? std::fabs(p1) : 0.0));
+                    e2 += u * (k2 * std::fabs(t2) + (r > r0 ? std::fabs(p2) : 0.0));
                 }
                 err.first[c] += margin * e1;
-                err.second[c] +=
-                    margin * (e2 + (recentre ? 2 * std::fabs(recentre(c, s, n0)) * e1 : 0.0));
+                err.second[c] += margin * (e2 + (recentre ? 2 * std::fabs(recentre(c, i0)) * e1 : 0.0));
             }
     return err;
 }
@@ -268,15 +274,13 @@ BlockSumError block_sum_error(const View &v, int rows, const BlockTerms &terms,
 }  // namespace
 
 BlockSumError forward_block_sum_error(const View &v, int rows, const float *x) {
-    auto at = [&](int64_t c, int64_t s, int64_t n) { return double(x[v.at(n, c, s)]); };
     return block_sum_error(
         v, rows,
-        [&](int64_t c, int64_t s, int64_t n, int64_t n0, double *t1, double *k1, double *t2,
-            double *k2) {
-            const double e = at(c, s, n) - at(c, s, n0);  // float32: 1 rounding
-            *t1 = e, *k1 = 1, *t2 = e * e, *k2 = 3;       // e*e: e's 2 and its own 1
+        [&](int64_t, int64_t i, int64_t i0, double *t1, double *k1, double *t2, double *k2) {
+            const double e = double(x[i]) - double(x[i0]);  // float32: 1 rounding
+            *t1 = e, *k1 = 1, *t2 = e * e, *k2 = 3;         // e*e: e's 2 and its own 1
         },
-        [&](int64_t c, int64_t s, int64_t n0) { return at(c, s, n0) - at(c, 0, 0); });
+        [&](int64_t c, int64_t i0) { return double(x[i0]) - double(x[v.at(0, c, 0)]); });
 }
 
 BlockSumError backward_block_sum_error(const View &v, int rows, const float *x,
@@ -284,11 +288,9 @@ BlockSumError backward_block_sum_error(const View &v, int rows, const float *x,
                                        const float *mean) {
     return block_sum_error(
         v, rows,
-        [&](int64_t c, int64_t s, int64_t n, int64_t, double *t1, double *k1, double *t2,
-            double *k2) {
-            const int64_t i = v.at(n, c, s);
-            *t1 = g(i), *k1 = 0;                                  // a stored value: exact
-            *t2 = g(i) * (double(x[i]) - mean[c]), *k2 = 2;       // x - mean, the product
+        [&](int64_t c, int64_t i, int64_t, double *t1, double *k1, double *t2, double *k2) {
+            *t1 = g(i), *k1 = 0;                             // a stored value: exact
+            *t2 = g(i) * (double(x[i]) - mean[c]), *k2 = 2;  // x - mean, the product
         },
         nullptr);
 }

@@ -108,9 +108,9 @@ double storage_ulp(double v, Storage s);
 uint16_t encode16(double v, Storage s);
 float decode16(uint16_t bits, Storage s);
 
-// Float32 row blocks (the float32_stat_rows schedule knob): a contiguous kernel sums each block
-// of `rows` rows (at one s) in float32, term by term in row order, before the block joins its
-// float64 sums. These bound that float32 sum's error from the data, as Higham's running error
+// Float32 row blocks (the float32_stat_rows schedule knob): a kernel sums each block of `rows`
+// rows in float32, term by term in row order, before the block joins its float64 sums (rows:
+// contiguous, the n at one s; channels-last, the (n, s) positions in storage order). These bound that float32 sum's error from the data, as Higham's running error
 // bound of a recursive sum: a term t_j computed with relative error k*u (u = 2^-24) and added to
 // the partial sum P_j errs by at most k*u*|t_j| + u*|P_j| (first order; the partial sums taken
 // exactly), doubled for second-order terms and the float64 steps. Per channel, first/second

@@ -169,14 +169,14 @@ std::vector<float> dy_off_mask_boundary(const CaseData &d, const FusedOps &fused
 
 // ---- Float32 row blocks: their error bound --------------------------------------------------
 
-// The float32_stat_rows knob a kernel was scheduled with (1 for kernels without statistics or
-// with another layout), found as the generator found it: the same lookup (find_tuned_entry,
+// The float32_stat_rows knob a kernel was scheduled with (1 for kernels without statistics),
+// found as the generator found it: the same lookup (find_tuned_entry,
 // parse_cpu_knobs) in the same file, schedules/tuned/<arch>-<isa>.json.
 int kernel_stat_rows(const std::string &kernel_name) {
     for (const auto &e : manifest().at("kernels")) {
         if (e.at("name") != kernel_name) continue;
         const bool forward = e.at("op") == "forward", batch = e.at("statistics") == "batch";
-        if ((forward && !batch) || e.at("layout") != "contig") return 1;  // no sums
+        if (forward && !batch) return 1;  // no sums
         const auto &shape = e.at("shape");
         std::string key = "generic";
         if (shape.at("kind") == "exact") {
@@ -194,7 +194,7 @@ int kernel_stat_rows(const std::string &kernel_name) {
                                   e.at("arch").get<std::string>() + "-" +
                                   e.at("isa").get<std::string>() + ".json";
         const std::string path = std::ifstream(tuned).good() ? tuned : "";
-        const TunedEntry entry = find_tuned_entry(path, {family, e.at("dtype"), "contig", key});
+        const TunedEntry entry = find_tuned_entry(path, {family, e.at("dtype"), e.at("layout"), key});
         return parse_cpu_knobs(entry.knobs, entry.where).float32_stat_rows;
     }
     ADD_FAILURE() << kernel_name << " is not in the manifest";

@@ -92,8 +92,15 @@ TEST(Tuner, PrefetchNextChannelChangesNoResultBit) {
 TEST(Tuner, Float32RowBlocksPassTheCheckAndAWrongOneDoesNot) {
     CpuKnobs blocked;
     blocked.float32_stat_rows = 16;
-    for (const Task &task : {kFwdTrain, Task{"bn_bwd_train", "contig"}}) {
-        auto cand = Candidate::build(tools(), task, isa_target(best_host_isa()), blocked);
+    // Channels-last blocks run down each channel's rows of C elements; small tasks so that a
+    // task holds several blocks and ends in a partial one.
+    CpuKnobs blocked_cl = blocked;
+    blocked_cl.task_elements = 4096;
+    blocked_cl.vectors = 2;
+    for (const Task &task : {kFwdTrain, Task{"bn_bwd_train", "contig"}, Task{"bn_fwd_train", "cl"},
+                             Task{"bn_bwd_train", "cl"}}) {
+        auto cand = Candidate::build(tools(), task, isa_target(best_host_isa()),
+                                     task.layout == "cl" ? blocked_cl : blocked);
         EXPECT_EQ(check_candidate(*cand, task, check_shapes()), "") << task.key();
     }
     auto wrong = Candidate::build(tools(), kFwdTrain, isa_target(best_host_isa()), blocked,

@@ -114,6 +114,7 @@ std::vector<KnobChoices> search_space(const Task &t) {
         KnobChoices task_elements{"task_elements", {}};
         for (int e = 4096; e <= (1 << 20); e *= 2) task_elements.values.push_back(e);
         space.push_back(task_elements);
+        if (t.training()) space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
     }
     return space;
 }
@@ -416,7 +417,7 @@ std::string Workload::compare_with_reference(int float32_stat_rows) const {
                                         given_mean_.data(), given_invstd_.data(), true, 1e-5);
         // Float32 row blocks: the sums' error bound (as in test_kernels).
         std::vector<double> dweight_allow, dbias_allow;
-        if (float32_stat_rows > 1 && !v.channels_last) {
+        if (float32_stat_rows > 1) {
             const ref::BlockSumError be = ref::backward_block_sum_error(
                 v, float32_stat_rows, x_, [&](int64_t i) { return double(dy_[i]); },
                 given_mean_.data());
