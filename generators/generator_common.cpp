@@ -80,6 +80,19 @@ void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice, const Ta
                  (choice.cuda ? choice.gpu.to_string() : choice.cpu.to_string()).c_str());
 }
 
+namespace {
+std::string &streaming_store_request() {
+    static std::string buffer;
+    return buffer;
+}
+}  // namespace
+
+void request_streaming_stores(const std::string &output_buffer) {
+    streaming_store_request() = output_buffer;
+}
+
+const std::string &streaming_store_buffer() { return streaming_store_request(); }
+
 void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {
     for (Func f : outputs) {
         if (target.has_feature(Target::CUDA))

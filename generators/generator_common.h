@@ -70,6 +70,15 @@ ScheduleChoice choose_schedule(const Halide::Target &target, const KnobsKey &key
 void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice,
                          const Halide::Target &target);
 
+// Streaming stores (knob streaming_stores): a generator asks for its output buffer's vector stores
+// to be made non-temporal; the generator program does it after Halide has written the object
+// (generators/generator_main.cpp). An empty name withdraws the request.
+void request_streaming_stores(const std::string &output_buffer);
+const std::string &streaming_store_buffer();
+// The row length (in elements) whose multiples keep every row of a streaming output 64-byte
+// aligned: what a kernel with streaming stores requires of its output's rows and host pointer.
+inline int streaming_row_elements(StorageType t) { return 64 / halide_type(t).bytes(); }
+
 // Schedules per-channel outputs computed on their own (the running-statistics update).
 void schedule_channel_update(const std::vector<Halide::Func> &outputs, const Halide::Target &target);
 
@@ -151,6 +160,22 @@ protected:
         if (!choice_.cuda && layout == Layout::Contiguous && has_statistics &&
             choice_.cpu.stats_per_channel && choice_.cpu.prefetch_next_channel)
             opaque_zero_ = this->template add_input<double>("opaque_zero");
+        // The argument tells the runtime what the kernel requires (see CpuKnobs); its value is
+        // not read.
+        if (streams_output()) streaming_output_ = this->template add_input<int>("streaming_output");
+    }
+
+    // Whether the output is written with streaming stores: the knob, on x86, for float32
+    // storage, and for an exact shape only if its rows keep them aligned (else the knob is
+    // ignored). 16-bit outputs are left out: LLVM 14 folds their narrowing into a truncating
+    // store (AVX-512's vpmovdw), which has no non-temporal form, and drops the mark.
+    bool streams_output() const {
+        if (choice_.cuda || !choice_.cpu.streaming_stores || dtype != StorageType::F32 ||
+            this->get_target().arch != Halide::Target::X86)
+            return false;
+        const FixedShape fixed = parse_fixed_shape(shape);
+        const int row = layout == Layout::Contiguous ? fixed.s : fixed.c;
+        return fixed.generic() || row % streaming_row_elements(dtype) == 0;
     }
 
     // With prefetch_next_channel: `value` (float32, at (s, c, n) of a contiguous tensor) made to
@@ -256,19 +281,32 @@ protected:
         return choice_.cpu.float32_stat_rows;
     }
 
-    // tensors: the 3-D arguments; channel_vectors: the per-channel ones.
-    void constrain_and_schedule(NormPipeline &p,
+    // output: the tensor output (y, dx); tensors: every 3-D argument (output included);
+    // channel_vectors: the per-channel ones.
+    void constrain_and_schedule(NormPipeline &p, Halide::OutputImageParam output,
                                 const std::vector<Halide::OutputImageParam> &tensors,
                                 const std::vector<Halide::OutputImageParam> &channel_vectors) {
         const FixedShape fixed = parse_fixed_shape(shape);
         for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
         for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
+        if (streaming_output_) {
+            // What lets Halide prove the output's vector stores aligned (asserted on entry):
+            // a 64-byte aligned host pointer and, for any shape, row strides in multiples of
+            // 64 bytes (an exact shape's constant strides already say so).
+            const int row = streaming_row_elements(dtype);
+            output.set_host_alignment(64);
+            if (fixed.generic())
+                for (int d : {1, 2})
+                    output.dim(d).set_stride((output.dim(d).stride() / row) * row);
+            request_streaming_stores(output.name());
+        }
         schedule_for_target(p, choice_, this->get_target());
     }
 
 private:
     ScheduleChoice choice_;
     Halide::GeneratorInput<double> *opaque_zero_ = nullptr;
+    Halide::GeneratorInput<int> *streaming_output_ = nullptr;
 };
 
 }  // namespace normgen

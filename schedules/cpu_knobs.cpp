@@ -12,7 +12,8 @@ std::string CpuKnobs::to_string() const {
     os << "vectors=" << vectors << " stats_per_channel=" << stats_per_channel
        << " channels_per_task=" << channels_per_task
        << " prefetch_next_channel=" << prefetch_next_channel
-       << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements;
+       << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements
+       << " streaming_stores=" << streaming_stores;
     return os.str();
 }
 
@@ -22,7 +23,8 @@ nlohmann::json CpuKnobs::to_json() const {
             {"channels_per_task", channels_per_task},
             {"prefetch_next_channel", prefetch_next_channel},
             {"float32_stat_rows", float32_stat_rows},
-            {"task_elements", task_elements}};
+            {"task_elements", task_elements},
+            {"streaming_stores", streaming_stores}};
 }
 
 bool CpuKnobs::operator==(const CpuKnobs &o) const { return to_json() == o.to_json(); }
@@ -49,6 +51,8 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 k.float32_stat_rows = value.get<int>();
                 if (k.float32_stat_rows < 1 || k.float32_stat_rows > 64)
                     throw bad(name, "must be in 1..64");
+            } else if (name == "streaming_stores") {
+                k.streaming_stores = value.get<bool>();
             } else if (name == "task_elements") {
                 k.task_elements = value.get<int>();
                 if (k.task_elements < 1) throw bad(name, "must be >= 1");

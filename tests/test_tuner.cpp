@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -87,6 +88,112 @@ TEST(Tuner, PrefetchNextChannelChangesNoResultBit) {
     }
 }
 
+// streaming_stores: the output's vector stores become non-temporal; the kernel takes the marker
+// argument streaming_output, runs only where the output's rows are 64-byte multiples (the plan
+// passes it over elsewhere), and computes the same bits.
+TEST(Tuner, StreamingStoresChangeNoResultBit) {
+    for (const Task &task : {Task{"bn_fwd_infer", "cl"}, Task{"bn_fwd_infer", "contig"}, kFwdTrain,
+                             Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "contig"},
+                             Task{"bn_bwd_train", "cl"}}) {
+        CpuKnobs off, on;
+        on.streaming_stores = true;
+        off.vectors = on.vectors = 2;  // rows of 3 vectors: a tail of one (scalar) vector
+        auto plain = Candidate::build(tools(), task, isa_target(best_host_isa()), off);
+        auto streaming = Candidate::build(tools(), task, isa_target(best_host_isa()), on);
+        int ran = 0;
+        for (const Shape &shape : check_shapes(true)) {
+            Workload a(task, shape, 11), b(task, shape, 11);
+            ng_plan *plan = nullptr;
+            const ng_tensor x = b.tensor();
+            const ng_batch_norm_params params = b.params();
+            const ng_status st = ng_plan_create(streaming->runtime(),
+                                                task.backward() ? NG_OP_BACKWARD : NG_OP_FORWARD,
+                                                &x, &params, &plan);
+            if (!knobs_run_on(on, task, shape)) {
+                EXPECT_EQ(st, NG_NO_KERNEL) << task.key() << " " << shape.text();
+                EXPECT_NE(std::string(ng_last_error()).find("streaming stores need rows"),
+                          std::string::npos)
+                    << ng_last_error();
+                continue;
+            }
+            ASSERT_EQ(st, NG_OK) << ng_last_error();
+            EXPECT_NE(std::string(ng_plan_describe(plan)).find("streaming stores"),
+                      std::string::npos);
+            b.run(plan);
+            ng_plan_destroy(plan);
+            plan = make_plan(plain->runtime(), a, task);
+            a.run(plan);
+            ng_plan_destroy(plan);
+            EXPECT_EQ(b.compare_with_reference(), "") << task.key() << " " << shape.text();
+            EXPECT_EQ(std::memcmp(a.y_or_dx(), b.y_or_dx(), shape.elements() * sizeof(float)), 0)
+                << task.key() << " " << shape.text();
+            ran++;
+        }
+        EXPECT_EQ(ran, 3) << task.key();
+    }
+}
+
+// A streaming kernel with a misaligned output: the plan runs the next-best kernel of its
+// package (here a plain generic one beside the streaming kernel, offered as a class covering
+// every shape), or, where the package has none, refuses the call by name.
+TEST(Tuner, StreamingKernelFallsBackOnMisalignedOutput) {
+    const Task task{"bn_fwd_infer", "cl"};
+    CpuKnobs on;
+    on.streaming_stores = true;
+    auto plain = Candidate::build(tools(), task, isa_target(best_host_isa()), CpuKnobs{});
+    auto streaming = Candidate::build(tools(), task, isa_target(best_host_isa()), on);
+    const Shape shape = Shape::from_dims({2, 80, 29});
+
+    // Alone: aligned runs, misaligned is refused.
+    Workload alone(task, shape, 3);
+    ng_plan *plan = make_plan(streaming->runtime(), alone, task);
+    alone.run(plan);
+    EXPECT_EQ(alone.compare_with_reference(), "");
+    alone.misalign_output();
+    try {
+        alone.run(plan);
+        ADD_FAILURE() << "a misaligned output ran a streaming kernel";
+    } catch (const std::runtime_error &e) {
+        EXPECT_NE(std::string(e.what()).find("64-byte aligned"), std::string::npos) << e.what();
+    }
+    ng_plan_destroy(plan);
+
+    // Both kernels in one package.
+    const std::string dir = tools().work_dir + "/both";
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(plain->dir() + "/libcandidate.so", dir + "/libplain.so");
+    std::filesystem::copy_file(streaming->dir() + "/libcandidate.so", dir + "/libstreaming.so");
+    nlohmann::json manifest = nlohmann::json::parse(std::ifstream(plain->dir() + "/manifest.json"));
+    nlohmann::json entry = manifest["kernels"][0];
+    entry["file"] = "libplain.so";
+    nlohmann::json streaming_entry = entry;
+    streaming_entry["name"] = entry["name"].get<std::string>() + "_streaming";
+    streaming_entry["file"] = "libstreaming.so";
+    streaming_entry["shape"] = {{"kind", "class"}, {"c_min", 1}, {"c_end", nullptr},
+                                {"s_min", 1},      {"s_end", nullptr}};
+    manifest["kernels"] = {entry, streaming_entry};
+    std::ofstream(dir + "/manifest.json") << manifest.dump(1);
+    ng_runtime *rt = nullptr;
+    ASSERT_EQ(ng_runtime_open(dir.c_str(), &rt), NG_OK) << ng_last_error();
+    Workload aligned(task, shape, 3), misaligned(task, shape, 3);
+    misaligned.misalign_output();
+    plan = make_plan(rt, aligned, task);
+    const std::string described = ng_plan_describe(plan);
+    EXPECT_EQ(described.rfind(streaming_entry["name"].get<std::string>() + ":", 0), 0) << described;
+    EXPECT_NE(described.find("not 64-byte aligned runs " + entry["name"].get<std::string>()),
+              std::string::npos)
+        << described;
+    aligned.run(plan);
+    misaligned.run(plan);
+    ng_plan_destroy(plan);
+    ng_runtime_close(rt);
+    EXPECT_EQ(aligned.compare_with_reference(), "");
+    EXPECT_EQ(misaligned.compare_with_reference(), "");
+    EXPECT_EQ(std::memcmp(aligned.y_or_dx(), misaligned.y_or_dx(), shape.elements() * sizeof(float)),
+              0);
+    std::filesystem::remove_all(dir);
+}
+
 // float32_stat_rows: blocked candidates pass the check (the backward's sums with their blocks'
 // error bound as allowance), and the allowance does not let a wrong candidate through.
 TEST(Tuner, Float32RowBlocksPassTheCheckAndAWrongOneDoesNot) {
@@ -134,6 +241,7 @@ TEST(Tuner, KnobsRoundTripThroughTheOneParser) {
     k.stats_per_channel = false;
     k.channels_per_task = 8;
     k.float32_stat_rows = 16;
+    k.streaming_stores = true;
     EXPECT_TRUE(parse_cpu_knobs(k.to_json(), "test") == k);
     EXPECT_THROW(parse_cpu_knobs(nlohmann::json{{"float32_stat_rows", 0}}, "test"),
                  std::runtime_error);

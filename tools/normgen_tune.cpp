@@ -110,11 +110,15 @@ std::vector<const json *> usable_trials(const json &trials,
 }
 
 // generic: for the family's generic entry, which generic kernels (any shape, any data) are
-// scheduled with: only knob sets keeping float64 terms (float32_stat_rows 1) qualify.
+// scheduled with: only knob sets keeping float64 terms (float32_stat_rows 1) qualify, and none
+// with streaming stores (they run only on aligned rows; the generic kernel is the fallback of
+// every other).
 Winner best_over(const json &trials, const std::vector<std::string> &shapes, bool generic) {
     Winner w;
     for (const json *t : usable_trials(trials, shapes)) {
-        if (generic && (*t)["knobs"].value("float32_stat_rows", 1) != 1) continue;
+        if (generic && ((*t)["knobs"].value("float32_stat_rows", 1) != 1 ||
+                        (*t)["knobs"].value("streaming_stores", false)))
+            continue;
         std::vector<double> fr;
         for (const auto &s : shapes) fr.push_back(results_of(*t)[s]["frac_cold"].get<double>());
         const double g = geomean(fr);
@@ -293,11 +297,13 @@ public:
             for (int r = 0; r < rounds; r++)
                 for (size_t j = 0; j < chosen.size(); j++) {
                     const size_t i = (j + size_t(r)) % chosen.size();
+                    if (!(*chosen[i])["results"].contains(s.key())) continue;  // does not run there
                     ng_plan *plan = make_plan(candidate((*chosen[i])["knobs"]).runtime(), w, task_);
                     times[i].push_back(w.time(plan, o_.reps));
                     ng_plan_destroy(plan);
                 }
             for (size_t i = 0; i < chosen.size(); i++) {
+                if (times[i].empty()) continue;
                 auto med = [&](double Workload::Timing::*field) {
                     std::vector<double> v;
                     for (const auto &t : times[i]) v.push_back(t.*field);
@@ -410,12 +416,13 @@ private:
                       {"baseline", knobs == state()["baseline_knobs"]}};
         try {
             Candidate &cand = candidate(knobs);
-            const std::string why = check_candidate(cand, task_, check_shapes());
+            const std::string why = check_candidate(cand, task_, check_shapes(cand.knobs().streaming_stores));
             if (!why.empty()) {
                 trial["rejected"] = "reference check: " + why;
             } else {
                 json results = json::object();
                 for (const Shape &s : shapes_) {
+                    if (!knobs_run_on(cand.knobs(), task_, s)) continue;
                     Workload &w = workload(s);
                     ng_plan *plan = make_plan(cand.runtime(), w, task_);
                     const auto t = w.time(plan, o_.reps);
@@ -458,7 +465,8 @@ private:
                     if (t["knobs"] != e["knobs"] || t.contains("rejected")) continue;
                     if (!t.contains("verified")) t["verified"] = json::array();
                     for (const Shape &s : shapes_) {
-                        if (std::count(t["verified"].begin(), t["verified"].end(), s.key()))
+                        if (std::count(t["verified"].begin(), t["verified"].end(), s.key()) ||
+                            !t["results"].contains(s.key()))
                             continue;
                         std::string why;
                         try {

@@ -197,6 +197,9 @@ void Package::resolve(Kernel &k, std::map<std::string, void *> &opened, const st
              ") is not in '", k.file, "'");
     k.metadata = md();
     check_metadata(k);
+    for (int i = 0; i < k.metadata->num_arguments; i++)
+        if (std::string(k.metadata->arguments[i].name) == "streaming_output")
+            k.streams_output = true;
 }
 
 void Package::load_device_kernels(const std::string &device) {

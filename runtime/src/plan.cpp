@@ -22,7 +22,8 @@ const char *kRoleNames[] = {"x",          "z",           "dy",        "y",      
                             "dz",         "weight",      "bias",      "running_mean",
                             "running_var", "eps",        "save_mean", "save_invstd",
                             "batch_var",  "dweight",     "dbias",    "running_mean_out",
-                            "running_var_out", "momentum_factor", "unbias", "opaque_zero"};
+                            "running_var_out", "momentum_factor", "unbias", "opaque_zero",
+                            "streaming_output"};
 static_assert(sizeof(kRoleNames) / sizeof(kRoleNames[0]) == static_cast<size_t>(Role::count));
 
 }  // namespace
@@ -144,6 +145,15 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
     for (int i = 0; i < nargs; i++) {
         const halide_filter_argument_t &arg = md->arguments[i];
         const Role role = role_named(arg.name);
+        if (arg.kind == halide_argument_kind_input_scalar && role == Role::streaming_output) {
+            // A marker: the kernel does not read its value.
+            static const int32_t kAlignment = 64;
+            if (arg.type.code != halide_type_int || arg.type.bits != 32)
+                fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name,
+                     "': argument 'streaming_output' is not an int32");
+            plan.args[i] = const_cast<int32_t *>(&kAlignment);
+            continue;
+        }
         if (arg.kind == halide_argument_kind_input_scalar) {
             static const double kZero = 0.0;
             const double *value = role == Role::eps               ? &plan.eps
@@ -227,7 +237,7 @@ std::unique_ptr<ng_plan> running_stats_plan(const ng_runtime &rt, const ng_plan 
 }  // namespace
 
 ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
-                     const ng_batch_norm_params *params) {
+                     const ng_batch_norm_params *params, bool allow_streaming) {
     if (!rt) fail(NG_INVALID_ARGUMENT, "runtime: NULL");
     if (op_value != NG_OP_FORWARD && op_value != NG_OP_BACKWARD)
         fail(NG_INVALID_ARGUMENT, "op = ", op_value,
@@ -265,6 +275,10 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const std::string dtype = dtype_name(x->dtype);
     const std::string activation = params->activation == NG_ACT_RELU ? "relu" : "none";
     const bool residual = params->residual != 0;
+    // Streaming stores need every output row to start 64-byte aligned (given an aligned pointer).
+    const int64_t row_bytes = (channels_last ? plan->c : plan->s) *
+                              static_cast<int64_t>(element_size(x->dtype));
+    const bool rows_aligned = row_bytes % 64 == 0;
 
     // Best ISA (most features) or CUDA capability first, then the most specialised shape:
     // exact, then shape class, then generic. Kernels specialised for other shapes are not
@@ -283,6 +297,13 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
         if (!k.shape.matches(plan->n, plan->c, plan->s)) continue;
         if (rt->generic_only && k.shape.kind != KernelShape::Generic) {
             passed_over.push_back(k.name + " (NORMGEN_KERNELS=generic)");
+            continue;
+        }
+        if (k.streams_output && !allow_streaming) continue;  // the fallback's search
+        if (k.streams_output && !rows_aligned) {
+            passed_over.push_back(k.name + " (streaming stores need rows of a multiple of 64 " +
+                                  "bytes; this output's rows are " + std::to_string(row_bytes) +
+                                  " bytes)");
             continue;
         }
         int level;
@@ -333,6 +354,20 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
                               : "no exact-shape or shape-class kernel for this shape";
     why << best->name << ": " << best->describe_shape() << " kernel (" << because << "), "
         << best->isa << ", chosen for " << plan->description;
+    if (best->streams_output) {
+        // The same request without streaming kernels: what a misaligned output runs. A package
+        // may have none (the tuner's one-kernel packages); such a call then fails (see run).
+        try {
+            plan->unaligned_fallback.reset(create_plan(rt, op, x, params, false));
+        } catch (const Error &e) {
+            if (e.status() != NG_NO_KERNEL) throw;
+        }
+        why << "; writes its output with streaming stores (an output pointer that is not "
+               "64-byte aligned runs "
+            << (plan->unaligned_fallback ? plan->unaligned_fallback->kernel->name
+                                         : std::string("nothing: no other kernel matches"))
+            << ")";
+    }
     if (!passed_over.empty()) {
         why << "; passed over:";
         for (const auto &p : passed_over) why << " " << p << ";";
@@ -343,6 +378,9 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
 
     plan->on_cuda = on_cuda;
     bind_arguments(*plan, channels_last);
+    if (best->streams_output)
+        plan->streaming_output_slot =
+            plan->slot[static_cast<size_t>(op == NG_OP_FORWARD ? Role::y : Role::dx)];
     const size_t C = static_cast<size_t>(plan->c);
     for (size_t i = 0; i < plan->scratch_host.size(); i++)
         plan->scratch_host[i].assign(C, static_cast<Scratch>(i) == Scratch::ones ? 1.0f : 0.0f);
@@ -364,6 +402,7 @@ DeviceVector::~DeviceVector() {
 ng_plan::~ng_plan() = default;
 
 void ng_plan::bind(Role role, const void *data) {
+    if (unaligned_fallback) unaligned_fallback->bind(role, data);
     const int i = slot[static_cast<size_t>(role)];
     if (i < 0) return;
     if (on_cuda)
@@ -384,6 +423,16 @@ void ng_plan::run() {
             ng::fail(NG_INTERNAL, "kernel '", kernel->name, "': argument '",
                      kernel->metadata->arguments[i].name, "' was not bound");
     if (!on_cuda) {
+        if (streaming_output_slot >= 0 &&
+            reinterpret_cast<uintptr_t>(buffers[streaming_output_slot].host) % 64 != 0) {
+            if (!unaligned_fallback)
+                ng::fail(NG_INVALID_ARGUMENT, kernel->metadata->arguments[streaming_output_slot].name,
+                         " = ", static_cast<const void *>(buffers[streaming_output_slot].host),
+                         ": kernel '", kernel->name,
+                         "' writes it with streaming stores and needs it 64-byte aligned, and "
+                         "the package has no other kernel for this plan");
+            return unaligned_fallback->run();
+        }
         if (int r = kernel->entry(args.data()))
             ng::fail(NG_INTERNAL, "kernel '", kernel->name, "' failed (Halide error ", r,
                      "): ", ng::take_halide_error());

@@ -17,7 +17,9 @@ enum class Role {
     // the device-side running-statistics update (bn_running_stats_*)
     running_mean_out, running_var_out, momentum_factor, unbias,
     // a 0 the kernel cannot see is constant (the prefetch_next_channel knob's mask)
-    opaque_zero, count
+    opaque_zero,
+    // marks a kernel that writes its output with streaming stores (Kernel::streams_output)
+    streaming_output, count
 };
 
 // Per-channel buffers a plan owns: weight 1 / bias 0 without affine, and the statistics and
@@ -72,6 +74,12 @@ struct ng_plan {
     void *cuda_stream = nullptr;
     std::unique_ptr<ng_plan> running_stats_update;
 
+    // A kernel with streaming stores (Kernel::streams_output) runs only on a 64-byte aligned
+    // output: the buffer slot of that output, and the plan of the best kernel without them,
+    // which a call with a misaligned output runs instead (bind() binds both).
+    int streaming_output_slot = -1;
+    std::unique_ptr<ng_plan> unaligned_fallback;
+
     void bind(Role role, const void *data);
     // The host scratch vector, or its device copy in a CUDA plan.
     float *scratch(Scratch which);
@@ -87,7 +95,8 @@ namespace ng {
 // Whether a kernel argument of this name has a Role (the ABI of NG_ABI_VERSION): package open
 // rejects kernels with any other argument.
 bool is_kernel_argument_name(const std::string &name);
-// op: the caller's raw ng_op value (validated here).
+// op: the caller's raw ng_op value (validated here). allow_streaming false leaves out kernels
+// with streaming stores (the plan for misaligned outputs).
 ng_plan *create_plan(ng_runtime *rt, int op, const ng_tensor *x,
-                     const ng_batch_norm_params *params);
+                     const ng_batch_norm_params *params, bool allow_streaming = true);
 }  // namespace ng

@@ -102,7 +102,7 @@ std::vector<Shape> read_shape_file(const std::string &path) {
 bool task_serves(const Task &t, const Shape &s) { return t.layout == "cl" || s.s > 1; }
 
 std::vector<KnobChoices> search_space(const Task &t) {
-    std::vector<KnobChoices> space = {{"vectors", {1, 2, 4}}};
+    std::vector<KnobChoices> space = {{"vectors", {1, 2, 4}}, {"streaming_stores", {false, true}}};
     if (t.layout == "contig") {
         if (t.training()) {
             space.push_back({"stats_per_channel", {true, false}});
@@ -117,6 +117,12 @@ std::vector<KnobChoices> search_space(const Task &t) {
         if (t.training()) space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
     }
     return space;
+}
+
+bool knobs_run_on(const CpuKnobs &k, const Task &t, const Shape &s) {
+    if (!k.streaming_stores) return true;
+    const int64_t row = t.layout == "contig" ? s.s : s.c;
+    return row * int64_t(sizeof(float)) % 64 == 0;
 }
 
 nlohmann::json relevant_knobs(const Task &t, const CpuKnobs &k) {
@@ -323,7 +329,8 @@ Workload::Workload(const Task &task, const Shape &shape, uint64_t seed)
     const int64_t n = shape.elements();
     const size_t C = static_cast<size_t>(shape.c);
     x_ = alloc_tensor(n);
-    out_ = alloc_tensor(n);
+    out_base_ = alloc_tensor(n + 16);  // room for misalign_output()
+    out_ = out_base_;
     // Channels get distinct offsets so a channel mix-up cannot pass the check.
     fill(x_, n, seed, -1.0, 1.0);
     const ref::View v = view_of(task, shape);
@@ -362,7 +369,12 @@ Workload::Workload(const Task &task, const Shape &shape, uint64_t seed)
 Workload::~Workload() {
     std::free(x_);
     std::free(dy_);
-    std::free(out_);
+    std::free(out_base_);
+}
+
+void Workload::misalign_output() {
+    out_ = out_base_ + 1;
+    std::fill(out_, out_ + shape_.elements(), 0.0f);
 }
 
 ng_tensor Workload::tensor() const {
@@ -551,17 +563,26 @@ Workload::Timing Workload::time(ng_plan *plan, int reps) {
     return t;
 }
 
-std::vector<Shape> check_shapes() {
+std::vector<Shape> check_shapes(bool streaming_stores) {
     // C odd and not a multiple of any channel block; S not a multiple of any vector width; one
     // shape with few elements per channel, one with C > 16 lanes * 4 vectors in channels-last.
-    return {Shape::from_dims({2, 37, 29}), Shape::from_dims({3, 19, 131}),
-            Shape::from_dims({5, 70, 3})};
+    if (!streaming_stores)
+        return {Shape::from_dims({2, 37, 29}), Shape::from_dims({3, 19, 131}),
+                Shape::from_dims({5, 70, 3})};
+    // A kernel with streaming stores runs only on rows of a multiple of 16 floats (S contiguous,
+    // C channels-last): three shapes have such rows in each layout (check_candidate runs a
+    // candidate on those it runs on), odd extents elsewhere, and rows that are not a multiple of
+    // 2 or 4 vectors (a tail of one vector).
+    return {Shape::from_dims({3, 19, 144}), Shape::from_dims({5, 37, 48}),
+            Shape::from_dims({2, 7, 80}),   Shape::from_dims({2, 80, 29}),
+            Shape::from_dims({3, 48, 3}),   Shape::from_dims({5, 112, 7})};
 }
 
 std::string check_candidate(const Candidate &cand, const Task &task,
                             const std::vector<Shape> &shapes) {
     uint64_t seed = 7;
     for (const Shape &s : shapes) {
+        if (!knobs_run_on(cand.knobs(), task, s)) continue;  // the runtime would pass it over
         try {
             Workload w(task, s, seed++);
             ng_plan *plan = make_plan(cand.runtime(), w, task);

@@ -49,6 +49,10 @@ struct Shape {
 std::vector<Shape> read_shape_file(const std::string &path);
 // Does the task's layout serve this shape? Contiguous tensors with S = 1 run channels-last.
 bool task_serves(const Task &t, const Shape &s);
+// Can a kernel with these knobs run on the shape? One with streaming stores needs output rows
+// (S contiguous, C channels-last) of a multiple of 64 bytes; the runtime passes it over
+// elsewhere, so the tuner times it only where it runs.
+bool knobs_run_on(const CpuKnobs &k, const Task &t, const Shape &s);
 
 // The search space of a task: the knobs its schedule reads, each with its allowed values.
 struct KnobChoices {
@@ -119,13 +123,16 @@ public:
     const char *reference_name() const;
 
     float *y_or_dx() const { return out_; }  // for tests that tamper with a result
+    // Moves the output one float past a 64-byte boundary (for tests of streaming stores, which
+    // need it aligned); cleared.
+    void misalign_output();
 
 private:
     void flush_all() const;
     double bytes_moved() const;
     Task task_;
     Shape shape_;
-    float *x_ = nullptr, *dy_ = nullptr, *out_ = nullptr;
+    float *x_ = nullptr, *dy_ = nullptr, *out_ = nullptr, *out_base_ = nullptr;
     std::vector<float> weight_, bias_, running_mean_, running_var_, save_mean_, save_invstd_,
         dweight_, dbias_;
     std::vector<float> given_mean_, given_invstd_;  // backward: the forward's statistics
@@ -137,7 +144,8 @@ ng_plan *make_plan(ng_runtime *rt, const Workload &w, const Task &task);
 
 // Odd shapes that exercise every tail a schedule can have (vector, channel block, row block):
 // a candidate must pass on all of them before it is timed.
-std::vector<Shape> check_shapes();
+// With streaming_stores (the candidate's knob), shapes whose rows it can run on.
+std::vector<Shape> check_shapes(bool streaming_stores = false);
 // Runs the candidate on each shape and compares with the reference; "" if all pass, else why.
 std::string check_candidate(const Candidate &cand, const Task &task,
                             const std::vector<Shape> &shapes);

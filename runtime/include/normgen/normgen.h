@@ -30,8 +30,10 @@ extern "C" {
 #endif
 
 /* Version of the kernel ABI (argument names and order) a package must declare in its manifest.
-   2: kernels may take `opaque_zero` (the prefetch_next_channel schedule knob). */
-#define NG_ABI_VERSION 2
+   2: kernels may take `opaque_zero` (the prefetch_next_channel schedule knob).
+   3: kernels may take `streaming_output` (the streaming_stores knob: the output is written with
+      non-temporal stores, so the kernel runs only on 64-byte aligned output rows). */
+#define NG_ABI_VERSION 3
 
 typedef enum {
     NG_OK = 0,
@@ -117,7 +119,11 @@ NG_API void ng_plan_destroy(ng_plan *plan);
  *  num_batches_tracked: incremented in training when track_running_stats; required if momentum
  *                   is NAN (None), may be NULL otherwise.
  *  save_mean/save_invstd: C floats, batch mean and 1/sqrt(biased var + eps), written when batch
- *                   statistics are used (training, or eval without running stats); may be NULL. */
+ *                   statistics are used (training, or eval without running stats); may be NULL.
+ * Alignment: any element-aligned pointer works. Some tuned kernels write y (backward: dx) with
+ * streaming stores, which need it 64-byte aligned (as PyTorch's allocator gives); a plan that
+ * chose one runs its next-best kernel on a call whose output is not (ng_plan_describe names
+ * both). */
 NG_API ng_status ng_batch_norm_forward(ng_plan *plan, const void *x, const void *z, void *y,
                                        const float *weight, const float *bias, float *running_mean,
                                        float *running_var, int64_t *num_batches_tracked,
