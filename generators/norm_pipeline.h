@@ -42,6 +42,10 @@ struct NormPipeline {
     CanonicalView view;
     Halide::Expr channels;                  // C, the extent of the channel dimension
     Halide::RDom r;                         // (s, n) of one channel; undefined without reduction
+    // > 0: r is (lane, vector, n) with s = vector * sum_lanes + lane over the whole vectors of
+    // each row, and sums has a second update adding the rows' last S % sum_lanes elements (see
+    // define_channel_sums).
+    int sum_lanes = 0;
     std::vector<Halide::Func> channel_pre;  // per-channel Funcs the reduction reads (e.g. a shift)
     Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)
     // With float32 row blocks (knob float32_stat_rows): float32 sums over a block of rows at

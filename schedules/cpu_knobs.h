@@ -17,6 +17,13 @@ struct CpuKnobs {
     bool stats_per_channel = true;
     // Contiguous layout: channels per parallel task (1: one task per channel).
     int channels_per_task = 1;
+    // Contiguous layout: a task visits its block of channels row by row (at each n, the block's
+    // channels_per_task * S contiguous elements) instead of channel by channel (N runs of S
+    // elements each), and training computes the block's statistics before its output; inference
+    // tasks are then (n, block). For small S, where a channel's N short runs at a stride of C*S
+    // elements are more streams than the hardware prefetcher follows. prefetch_next_channel
+    // does not apply.
+    bool batch_outer = false;
     // Contiguous layout with stats_per_channel (training): the loop writing channel c also loads
     // the same elements of channel c+1, so that the next channel's slice streams in from DRAM
     // while this one's results stream out, and its statistics then read L2. (Demand loads, not

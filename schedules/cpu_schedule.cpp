@@ -1,5 +1,8 @@
 #include "cpu_schedule.h"
 
+#include <stdexcept>
+#include <string>
+
 namespace normgen {
 
 using namespace Halide;
@@ -15,33 +18,65 @@ std::vector<Func> elementwise_outputs(const NormPipeline &p) {
 // Contiguous (s, c, n): a channel's data is N runs of S contiguous elements. A parallel task
 // takes a block of channels; the statistics reduction keeps `lanes` partial sums (rfactor over
 // the vector lanes of s) so the inner loop is a plain vector accumulate.
+//
+// A task visits its block channel by channel (each channel's N runs, then the next channel's),
+// or with batch_outer row by row: at each n, the block's channels_per_task * S contiguous
+// elements, so that a task reads and writes a few long runs instead of N short ones per
+// channel (small S: the hardware prefetcher follows them). Then the block's statistics are
+// computed over the whole block before its output, and inference takes blocks of one row
+// (n, block) as its parallel tasks.
 void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
-    Var c_block("c_block");
+    Var c_block("c_block"), task("task");
+    const bool statistics = p.sums.defined();
+    const bool batch_outer = k.batch_outer;
     // Channels are parallel tasks, alone or in blocks (small slices: fewer, longer tasks).
+    auto split_channels = [&](Func f) {
+        if (k.channels_per_task > 1 || batch_outer)
+            f.split(c, c_block, c, k.channels_per_task, TailStrategy::GuardWithIf);
+    };
     auto parallel_channels = [&](Func f) {
-        if (k.channels_per_task > 1)
-            f.split(c, c_block, c, k.channels_per_task, TailStrategy::GuardWithIf)
-                .parallel(c_block);
-        else
-            f.parallel(c);
+        split_channels(f);
+        f.parallel(k.channels_per_task > 1 || batch_outer ? c_block : c);
     };
     for (Func f : elementwise_outputs(p)) {
-        f.reorder(s, n, c).vectorize(s, lanes, TailStrategy::GuardWithIf);
-        parallel_channels(f);
+        if (!batch_outer) {
+            f.reorder(s, n, c);
+            parallel_channels(f);
+        } else if (statistics) {
+            split_channels(f);
+            f.reorder(s, c, n, c_block).parallel(c_block);
+        } else {
+            split_channels(f);
+            f.reorder(s, c, c_block, n).fuse(c_block, n, task).parallel(task);
+        }
+        f.vectorize(s, lanes, TailStrategy::GuardWithIf);
         // Further outputs (dz) run beside out, row by row, while the row is in L1.
-        if (f.name() != p.out.name()) f.compute_with(p.out, n);
+        if (f.name() != p.out.name()) f.compute_with(p.out, batch_outer ? c : n);
     }
 
-    if (!p.sums.defined()) {
+    if (!statistics) {
         p.coeffs.compute_root();
         return;
     }
-    RVar rxo("rxo"), rxi("rxi");
+    // Partial sums per vector lane: the algorithm's lane dimension (p.sum_lanes), or a split of
+    // s here (its tail guarded inside the loop).
+    RVar rxo("rxo"), rxi("rxi"), row = p.r.y;
     Var lane("lane");
-    Func partial = p.sums.update()
-                       .split(p.r.x, rxo, rxi, lanes, TailStrategy::GuardWithIf)
-                       .rfactor(rxi, lane);
+    Func partial;
+    if (p.sum_lanes) {
+        if (p.sum_lanes != lanes)
+            throw std::logic_error("sums are split into " + std::to_string(p.sum_lanes) +
+                                   " lanes, the schedule vectorizes " + std::to_string(lanes));
+        rxo = p.r[1];
+        row = p.r[2];
+        partial = p.sums.update(0).rfactor(p.r[0], lane);
+        p.sums.update(1).unscheduled();  // the rows' tails, serial where sums is computed
+    } else {
+        partial = p.sums.update()
+                      .split(p.r.x, rxo, rxi, lanes, TailStrategy::GuardWithIf)
+                      .rfactor(rxi, lane);
+    }
     partial.vectorize(lane);
     partial.update().vectorize(lane);
     if (p.row_blocks.defined()) {
@@ -51,15 +86,17 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     }
 
     if (k.stats_per_channel) {
-        // Everything about channel c happens in out's iteration c: the slice is read for the
-        // statistics and re-read from L2 by the elementwise loop.
-        for (Func f : p.channel_pre) f.compute_at(p.out, c);
-        p.sums.compute_at(p.out, c);
-        partial.compute_at(p.out, c);
-        p.coeffs.compute_at(p.out, c);
+        // Everything about a channel (batch_outer: a block) happens in out's iteration of it: the
+        // slice is read for the statistics and re-read from L2 by the elementwise loop.
+        const Var &at = batch_outer ? c_block : c;
+        if (batch_outer) partial.update().reorder(lane, rxo, c, row);  // the block row by row
+        for (Func f : p.channel_pre) f.compute_at(p.out, at);
+        p.sums.compute_at(p.out, at);
+        partial.compute_at(p.out, at);
+        p.coeffs.compute_at(p.out, at);
         for (Func f : p.channel_outputs) {
             parallel_channels(f);
-            f.compute_with(p.out, c);
+            f.compute_with(p.out, at);
         }
     } else {
         for (Func f : p.channel_pre) f.compute_root();

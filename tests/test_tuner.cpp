@@ -88,6 +88,24 @@ TEST(Tuner, PrefetchNextChannelChangesNoResultBit) {
     }
 }
 
+// batch_outer: contiguous blocks visited row by row, statistics over the block (training),
+// (n, block) tasks (inference); with blocks that do not divide C, float32 row blocks, and the
+// fused residual backward's dz beside dx.
+TEST(Tuner, BatchOuterCandidatesPassTheReferenceCheck) {
+    for (const Task &task : {kFwdTrain, Task{"bn_fwd_infer", "contig"}, Task{"bn_bwd_train", "contig"}})
+        for (int channels : {1, 3})
+            for (int rows : {1, 8}) {
+                if (!task.training() && rows > 1) continue;
+                CpuKnobs k;
+                k.batch_outer = true;
+                k.channels_per_task = channels;
+                k.float32_stat_rows = rows;
+                auto cand = Candidate::build(tools(), task, isa_target(best_host_isa()), k);
+                EXPECT_EQ(check_candidate(*cand, task, check_shapes()), "")
+                    << task.key() << " " << k.to_string();
+            }
+}
+
 // streaming_stores: the output's vector stores become non-temporal; the kernel takes the marker
 // argument streaming_output, runs only where the output's rows are 64-byte multiples (the plan
 // passes it over elsewhere), and computes the same bits.

@@ -501,7 +501,8 @@ private:
         double mine = 0;
         if (t.contains("results")) {
             std::vector<double> fr;
-            for (const auto &k : keys) fr.push_back(t["results"][k]["frac_cold"]);
+            for (const auto &k : keys)  // a streaming candidate runs on some shapes only
+                if (t["results"].contains(k)) fr.push_back(t["results"][k]["frac_cold"]);
             mine = geomean(fr);
         }
         std::fprintf(stderr, "[%s] trial %zu, %.0f/%.0f s: %s geomean %.3f of %s | best %.3f %s\n",

@@ -109,7 +109,8 @@ std::vector<KnobChoices> search_space(const Task &t) {
             space.push_back({"prefetch_next_channel", {false, true}});
             space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
         }
-        space.push_back({"channels_per_task", {1, 2, 4, 8, 16}});
+        space.push_back({"channels_per_task", {1, 2, 4, 8, 16, 32, 64}});
+        space.push_back({"batch_outer", {false, true}});
     } else {
         KnobChoices task_elements{"task_elements", {}};
         for (int e = 4096; e <= (1 << 20); e *= 2) task_elements.values.push_back(e);
