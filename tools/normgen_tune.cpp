@@ -109,19 +109,22 @@ std::vector<const json *> usable_trials(const json &trials,
     return out;
 }
 
-// generic: for the family's generic entry, which generic kernels (any shape, any data) are
-// scheduled with: only knob sets keeping float64 terms (float32_stat_rows 1) qualify, and none
-// with streaming stores (they run only on aligned rows; the generic kernel is the fallback of
-// every other).
-// Generic entries take float64 terms (they serve any data); generic and class entries do not
-// stream (they serve shapes whose rows are not 64-byte multiples, which a streaming kernel
-// leaves to the next kernel).
-Winner best_over(const json &trials, const std::vector<std::string> &shapes, bool generic,
-                 bool exact) {
+// Which entry a winner is chosen for: its key's kind decides which knob sets qualify.
+enum class EntryKind { Exact, Class, Generic };
+EntryKind entry_kind(const std::string &key) {
+    if (key == "generic") return EntryKind::Generic;
+    return key.rfind("class_", 0) == 0 ? EntryKind::Class : EntryKind::Exact;
+}
+
+// Generic entries keep float64 terms (generic kernels serve any data); generic and class
+// entries do not stream (they serve shapes whose rows are not 64-byte multiples, which a
+// streaming kernel leaves to the next kernel).
+Winner best_over(const json &trials, const std::vector<std::string> &shapes, EntryKind kind) {
     Winner w;
     for (const json *t : usable_trials(trials, shapes)) {
-        if (generic && (*t)["knobs"].value("float32_stat_rows", 1) != 1) continue;
-        if (!exact && (*t)["knobs"].value("streaming_stores", false)) continue;
+        const json &knobs = (*t)["knobs"];
+        if (kind == EntryKind::Generic && knobs.value("float32_stat_rows", 1) != 1) continue;
+        if (kind != EntryKind::Exact && knobs.value("streaming_stores", false)) continue;
         std::vector<double> fr;
         for (const auto &s : shapes) fr.push_back(results_of(*t)[s]["frac_cold"].get<double>());
         const double g = geomean(fr);
@@ -177,8 +180,7 @@ void derive_entries(json &doc) {
         const json no_results = json::object();
         const json &baseline_results = baseline ? results_of(*baseline) : no_results;
         for (const Group &g : groups_of(task_shapes(state))) {
-            const Winner w = best_over(state["trials"], g.shapes, g.shape == "generic",
-                                       g.shape.rfind("class_", 0) != 0 && g.shape != "generic");
+            const Winner w = best_over(state["trials"], g.shapes, entry_kind(g.shape));
             if (!w.trial) continue;
             json per_shape = json::object();
             std::vector<double> ms, gbps, warm, base;
@@ -501,7 +503,7 @@ private:
         const json &t = state()["trials"].back();
         std::vector<std::string> keys;
         for (const Shape &s : shapes_) keys.push_back(s.key());
-        const Winner best = best_over(state()["trials"], keys, false, true);
+        const Winner best = best_over(state()["trials"], keys, EntryKind::Exact);
         double mine = 0;
         if (t.contains("results")) {
             std::vector<double> fr;
