@@ -40,12 +40,20 @@ endif ()
 # assemble every kernel's PTX for sm_80 and sm_90 with ptxas). The host part is x86-64.
 set(NORMGEN_CUDA_TARGETS
     "cuda_sm80|x86-64|x86-64-linux-cuda-cuda_capability_80|")
-# Exact-shape kernels: by default plain f32 for the best x86 ISA; the full set specialises every
-# dtype and fusion for every x86 ISA (none for arm-64: the qemu suite has no exact-shape tests).
+# Exact-shape kernels: by default plain f32 for the best x86 ISA (and the f32 kernels of the
+# fusions in NORMGEN_SPECIALISED_FUSIONS); the full set specialises every dtype and fusion for
+# every x86 ISA (none for arm-64: the qemu suite has no exact-shape tests). A fused kernel takes
+# the knobs tuned for its plain variant's shape (the tuner times plain kernels only).
 # Shape-class kernels: one per class entry of the ISA's tuned file
 # (schedules/tuned/<arch>-<isa>.json), named <variant>_class_c<lo>to<hi>_s<lo>to<hi>.
 set(NORMGEN_SPECIALISED_ISAS avx512)
 set(NORMGEN_SPECIALISED_VARIANTS "f32|")
+foreach (fusion IN LISTS NORMGEN_SPECIALISED_FUSIONS)
+    if (NOT fusion MATCHES "^(relu|add|addrelu)$")
+        message(FATAL_ERROR "NORMGEN_SPECIALISED_FUSIONS: '${fusion}' is not relu, add or addrelu")
+    endif ()
+    list(APPEND NORMGEN_SPECIALISED_VARIANTS "f32|${fusion}")
+endforeach ()
 if (NORMGEN_FULL_KERNELS)
     set(NORMGEN_SPECIALISED_ISAS sse41 avx2 avx512)
     set(NORMGEN_SPECIALISED_VARIANTS "")
