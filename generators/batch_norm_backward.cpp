@@ -51,9 +51,9 @@ public:
             eps = add_input<double>("eps");
         }
         if (mode == Mode::Training)
-            choose_schedule_for("bn_bwd_train", true);
+            choose_schedule_for("bn_bwd_train", true, relu());
         else
-            choose_schedule_for("bn_bwd_eval", false);
+            choose_schedule_for("bn_bwd_eval", false, relu());
     }
 
     void generate() {
@@ -78,7 +78,7 @@ public:
             if (z) pre += load(p.view.at(*z, s_, c, n_));
             // As threshold_backward(dy, y, 0): zero where y <= 0, so a NaN y passes dy. (Halide
             // lowers `pre <= 0` to an unordered compare, true for NaN: test NaN explicitly.)
-            return strict_float(select(pre > 0.0f || is_nan(pre), g, 0.0f));
+            return strict_float(select_loaded_or_zero(pre > 0.0f || is_nan(pre), g));
         };
 
         Expr spatial = x->dim(p.view.spatial_dim()).extent();
