@@ -125,7 +125,9 @@ public:
         std::vector<OutputImageParam> channel_vectors = {weight, dweight, dbias};
         for (auto *in : {bias, save_mean, save_invstd, running_mean, running_var})
             if (in) channel_vectors.push_back(*in);
-        constrain_and_schedule(p, *dx, tensors, channel_vectors);
+        std::vector<OutputImageParam> outputs = {*dx};
+        if (dz) outputs.push_back(*dz);
+        constrain_and_schedule(p, outputs, tensors, channel_vectors);
     }
 };
 

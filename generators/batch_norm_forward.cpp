@@ -111,7 +111,7 @@ public:
             if (in) channel_vectors.push_back(*in);
         for (auto *out : {save_mean, save_invstd, batch_var})
             if (out) channel_vectors.push_back(*out);
-        constrain_and_schedule(p, *y, tensors, channel_vectors);
+        constrain_and_schedule(p, {*y}, tensors, channel_vectors);
     }
 };
 

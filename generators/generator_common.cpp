@@ -81,17 +81,17 @@ void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice, const Ta
 }
 
 namespace {
-std::string &streaming_store_request() {
-    static std::string buffer;
-    return buffer;
+std::vector<std::string> &streaming_store_request() {
+    static std::vector<std::string> buffers;
+    return buffers;
 }
 }  // namespace
 
-void request_streaming_stores(const std::string &output_buffer) {
-    streaming_store_request() = output_buffer;
+void request_streaming_stores(const std::vector<std::string> &output_buffers) {
+    streaming_store_request() = output_buffers;
 }
 
-const std::string &streaming_store_buffer() { return streaming_store_request(); }
+const std::vector<std::string> &streaming_store_buffers() { return streaming_store_request(); }
 
 void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {
     for (Func f : outputs) {

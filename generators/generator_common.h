@@ -70,11 +70,11 @@ ScheduleChoice choose_schedule(const Halide::Target &target, const KnobsKey &key
 void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice,
                          const Halide::Target &target);
 
-// Streaming stores (knob streaming_stores): a generator asks for its output buffer's vector stores
-// to be made non-temporal; the generator program does it after Halide has written the object
-// (generators/generator_main.cpp). An empty name withdraws the request.
-void request_streaming_stores(const std::string &output_buffer);
-const std::string &streaming_store_buffer();
+// Streaming stores (knob streaming_stores): a generator asks for its tensor output buffers'
+// vector stores (y; dx and dz) to be made non-temporal; the generator program does it after
+// Halide has written the object (generators/generator_main.cpp). No names withdraw the request.
+void request_streaming_stores(const std::vector<std::string> &output_buffers);
+const std::vector<std::string> &streaming_store_buffers();
 // The row length (in elements) whose multiples keep every row of a streaming output 64-byte
 // aligned: what a kernel with streaming stores requires of its output's rows and host pointer.
 inline int streaming_row_elements(StorageType t) { return 64 / halide_type(t).bytes(); }
@@ -326,24 +326,31 @@ protected:
         return choice_.cpu.float32_stat_rows;
     }
 
-    // output: the tensor output (y, dx); tensors: every 3-D argument (output included);
-    // channel_vectors: the per-channel ones.
-    void constrain_and_schedule(NormPipeline &p, Halide::OutputImageParam output,
+    // outputs: the tensor outputs (y; dx and dz); tensors: every 3-D argument (outputs
+    // included); channel_vectors: the per-channel ones.
+    void constrain_and_schedule(NormPipeline &p,
+                                const std::vector<Halide::OutputImageParam> &outputs,
                                 const std::vector<Halide::OutputImageParam> &tensors,
                                 const std::vector<Halide::OutputImageParam> &channel_vectors) {
         const FixedShape fixed = parse_fixed_shape(shape);
         for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
         for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
         if (streaming_output_) {
-            // What lets Halide prove the output's vector stores aligned (asserted on entry):
+            // What lets Halide prove each output's vector stores aligned (asserted on entry):
             // a 64-byte aligned host pointer and, for any shape, row strides in multiples of
-            // 64 bytes (an exact shape's constant strides already say so).
+            // 64 bytes (an exact shape's constant strides already say so). Every tensor output
+            // streams: a second one written normally (the residual's dz) would be read from
+            // DRAM before it is written, a pass more.
             const int row = streaming_row_elements(dtype);
-            output.set_host_alignment(64);
-            if (fixed.generic())
-                for (int d : {1, 2})
-                    output.dim(d).set_stride((output.dim(d).stride() / row) * row);
-            request_streaming_stores(output.name());
+            std::vector<std::string> names;
+            for (Halide::OutputImageParam output : outputs) {
+                output.set_host_alignment(64);
+                if (fixed.generic())
+                    for (int d : {1, 2})
+                        output.dim(d).set_stride((output.dim(d).stride() / row) * row);
+                names.push_back(output.name());
+            }
+            request_streaming_stores(names);
         }
         schedule_for_target(p, choice_, this->get_target());
     }

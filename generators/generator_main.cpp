@@ -1,6 +1,6 @@
 // The generator program: Halide's generator main, plus one step Halide 14 lacks. A kernel
-// scheduled with streaming_stores asks (request_streaming_stores) for its output's vector stores
-// to be non-temporal; Halide cannot emit those, so after Halide has written the object this
+// scheduled with streaming_stores asks (request_streaming_stores) for its tensor outputs' vector
+// stores to be non-temporal; Halide cannot emit those, so after Halide has written the object this
 // program generates the same kernel once more as LLVM IR, marks those stores `!nontemporal`,
 // and assembles the IR with LLVM 14's llc into the object, in place of Halide's.
 //
@@ -59,11 +59,13 @@ std::pair<std::string, std::string> llc_cpu_and_features(const Halide::Target &t
     return {};
 }
 
-// Marks the vector stores into `buffer` that are aligned to their width (up to 64 bytes)
-// non-temporal. Halide names each store's TBAA type after its buffer, uniquified per run ("y",
-// "y$3", "y.1"...): `buffer` is the name without that suffix. Returns how many were marked.
-int mark_streaming_stores(const std::string &in_path, const std::string &out_path,
-                          const std::string &buffer) {
+// Marks the vector stores into each of `buffers` that are aligned to their width (up to 64
+// bytes) non-temporal. Halide names each store's TBAA type after its buffer, uniquified per run
+// ("y", "y$3", "y.1"...): a buffer's name is given without that suffix. Returns how many were
+// marked per buffer.
+std::map<std::string, int> mark_streaming_stores(const std::string &in_path,
+                                                 const std::string &out_path,
+                                                 const std::vector<std::string> &buffers) {
     std::ifstream in(in_path);
     std::vector<std::string> lines;
     for (std::string l; std::getline(in, l);) lines.push_back(l);
@@ -84,17 +86,20 @@ int mark_streaming_stores(const std::string &in_path, const std::string &out_pat
         if (std::regex_match(l, m, access_tag)) tags[m[1]] = m[3];
         if (std::regex_search(l, m, metadata_id)) next_id = std::max(next_id, std::stoi(m[1]) + 1);
     }
-    auto names_buffer = [&](std::string id) {
+    // The requested buffer a TBAA access type belongs to, or "".
+    auto buffer_of = [&](std::string id) -> std::string {
         for (int depth = 0; depth < 64 && types.count(id); depth++) {
             const std::string &name = types[id].first;
-            if (name == buffer || name.rfind(buffer + "$", 0) == 0 ||
-                name.rfind(buffer + ".", 0) == 0)
-                return true;
+            for (const std::string &buffer : buffers)
+                if (name == buffer || name.rfind(buffer + "$", 0) == 0 ||
+                    name.rfind(buffer + ".", 0) == 0)
+                    return buffer;
             id = types[id].second;
         }
-        return false;
+        return "";
     };
-    int marked = 0;
+    std::map<std::string, int> marked;
+    for (const std::string &buffer : buffers) marked[buffer] = 0;
     const std::string nontemporal = ", !nontemporal !" + std::to_string(next_id);
     // Non-temporal stores are weakly ordered: a function that makes them drains them (sfence)
     // before it returns, so a parallel task's results are visible once the pool has joined it.
@@ -107,10 +112,11 @@ int mark_streaming_stores(const std::string &in_path, const std::string &out_pat
         const std::string element = m[3];
         const int bytes = std::stoi(m[2]) * (element == "float" || element == "i32" ? 4 : 2);
         const int align = std::stoi(m[4]);
-        if (!tags.count(m[6]) || !names_buffer(tags[m[6]]) || align < std::min(bytes, 64)) continue;
+        const std::string buffer = tags.count(m[6]) ? buffer_of(tags[m[6]]) : "";
+        if (buffer.empty() || align < std::min(bytes, 64)) continue;
         l = std::string(m[1]) + std::string(m[4]) + std::string(m[5]) + nontemporal +
             std::string(m[7]);
-        marked++;
+        marked[buffer]++;
         streaming_functions.insert(function);
     }
     std::ofstream out(out_path);
@@ -146,9 +152,10 @@ int generate(const std::vector<std::string> &args) {
     return Halide::Internal::generate_filter_main(int(c_argv.size()), c_argv.data(), std::cerr);
 }
 
-// Replaces Halide's object for the kernel just generated with one whose output stores are
-// non-temporal. Returns 0 or prints why not and returns 1.
-int rebuild_with_streaming_stores(std::vector<std::string> args, const std::string &buffer) {
+// Replaces Halide's object for the kernel just generated with one whose stores into `buffers`
+// (its tensor outputs) are non-temporal. Returns 0 or prints why not and returns 1.
+int rebuild_with_streaming_stores(std::vector<std::string> args,
+                                  const std::vector<std::string> &buffers) {
     const std::string dir = arg_after(args, "-o"), name = arg_after(args, "-n").empty()
                                                            ? arg_after(args, "-f")
                                                            : arg_after(args, "-n");
@@ -168,9 +175,13 @@ int rebuild_with_streaming_stores(std::vector<std::string> args, const std::stri
     }
     if (generate(args) != 0) return fail("generating the LLVM IR failed");
     const std::string ll = (tmp / (name + ".ll")).string(), marked_ll = ll + ".marked.ll";
-    const int marked = mark_streaming_stores(ll, marked_ll, buffer);
-    if (marked == 0)
-        return fail("no vector store into '" + buffer + "' is proven aligned: nothing to mark");
+    const std::map<std::string, int> marked = mark_streaming_stores(ll, marked_ll, buffers);
+    std::string summary;
+    for (const auto &[buffer, count] : marked) {
+        if (count == 0)
+            return fail("no vector store into '" + buffer + "' is proven aligned: nothing to mark");
+        summary += (summary.empty() ? "" : ", ") + std::to_string(count) + " into " + buffer;
+    }
     const std::string object = (fs::path(dir) / (name + ".o")).string();
     const std::string assembly = (tmp / (name + ".s")).string();
     auto llc = [&](const std::string &filetype, const std::string &out) {
@@ -190,12 +201,11 @@ int rebuild_with_streaming_stores(std::vector<std::string> args, const std::stri
                 streaming_instructions++;
     }
     if (streaming_instructions == 0)
-        return fail("LLVM kept none of the " + std::to_string(marked) +
-                    " non-temporal marks (no movnt instruction in the assembly)");
+        return fail("LLVM kept none of the non-temporal marks (" + summary +
+                    "; no movnt instruction in the assembly)");
     fs::remove_all(tmp);
-    std::fprintf(stderr,
-                 "normgen: %s: %d vector stores into %s made non-temporal (%d movnt instructions)\n",
-                 name.c_str(), marked, buffer.c_str(), streaming_instructions);
+    std::fprintf(stderr, "normgen: %s: vector stores made non-temporal: %s (%d movnt instructions)\n",
+                 name.c_str(), summary.c_str(), streaming_instructions);
     return 0;
 }
 
@@ -204,11 +214,12 @@ int rebuild_with_streaming_stores(std::vector<std::string> args, const std::stri
 int main(int argc, char **argv) {
     std::vector<std::string> args(argv, argv + argc);
     if (int rc = generate(args); rc != 0) return rc;
-    // Halide's unique name for the output buffer ("y$1"), without the suffix that differs in
+    // Halide's unique names for the output buffers ("y$1"), without the suffix that differs in
     // the second run.
-    const std::string requested = normgen::streaming_store_buffer();
-    const std::string buffer = requested.substr(0, requested.find('$'));
-    if (buffer.empty()) return 0;
-    normgen::request_streaming_stores("");
-    return rebuild_with_streaming_stores(args, buffer);
+    std::vector<std::string> buffers;
+    for (const std::string &requested : normgen::streaming_store_buffers())
+        buffers.push_back(requested.substr(0, requested.find('$')));
+    if (buffers.empty()) return 0;
+    normgen::request_streaming_stores({});
+    return rebuild_with_streaming_stores(args, buffers);
 }

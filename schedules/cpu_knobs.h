@@ -51,18 +51,19 @@ struct CpuKnobs {
     // tensors both split into enough tasks for every thread.
     int task_elements = 65536;
 
-    // x86, float32 storage: the tensor output (y, dx) is written with non-temporal (streaming)
-    // stores, which skip the read-for-ownership of each output line and the caches: a cold
-    // channels-last inference ran at 1.29-1.49x a plain copy's speed with them on this machine
-    // (AMD Zen 5), against 0.90-1.02 without. Halide 14 cannot emit them, so the generator
-    // program marks the output's vector stores non-temporal in the LLVM IR and assembles it again
-    // (generators/generator_main.cpp). Only stores Halide proves 64-byte aligned are marked, so
-    // such a kernel requires what makes them aligned (asserted on entry): the output's host
-    // pointer and row length (S contiguous, C channels-last) in multiples of 64 bytes. It takes
-    // the marker argument `streaming_output`, by which the runtime knows to pass it over for
-    // other rows and to run its next-best kernel on a misaligned pointer. Output the next layer
-    // reads at once from cache is better written normally: the tuner's call per shape. Generic
-    // entries keep it off (the generic kernel is every streaming kernel's fallback).
+    // x86, float32 storage: the tensor outputs (y; dx and dz) are written with non-temporal
+    // (streaming) stores, which skip the read-for-ownership of each output line and the caches:
+    // a cold channels-last inference ran at 1.29-1.49x a plain copy's speed with them on this
+    // machine (AMD Zen 5), against 0.90-1.02 without. Halide 14 cannot emit them, so the
+    // generator program marks the outputs' vector stores non-temporal in the LLVM IR and
+    // assembles it again (generators/generator_main.cpp). Only stores Halide proves 64-byte
+    // aligned are marked, so such a kernel requires what makes them aligned (asserted on entry):
+    // each output's host pointer and the row length (S contiguous, C channels-last) in
+    // multiples of 64 bytes. It takes the marker argument `streaming_output`, by which the
+    // runtime knows to pass it over for other rows and to run its next-best kernel on a
+    // misaligned pointer. Output the next layer reads at once from cache is better written
+    // normally: the tuner's call per shape. Generic entries keep it off (the generic kernel is
+    // every streaming kernel's fallback).
     bool streaming_stores = false;
 
     std::string to_string() const;

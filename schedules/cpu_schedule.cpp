@@ -118,8 +118,10 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
         f.split(s, rows, row, rows_per_task, TailStrategy::GuardWithIf)
             .vectorize(c, lanes, TailStrategy::GuardWithIf)
             .parallel(rows);
-        // Further outputs (dz) run beside out, task by task, while its rows are in L2.
-        if (f.name() != p.out.name()) f.compute_with(p.out, rows);
+        // Further outputs (dz) run beside out, row by row, while the row is in L1 (task by
+        // task, a task's rows of x, dy and z outgrew L2 on wide tensors and were read again
+        // from DRAM).
+        if (f.name() != p.out.name()) f.compute_with(p.out, row);
     }
 
     if (p.sums.defined()) {

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -210,6 +211,94 @@ TEST(Tuner, StreamingKernelFallsBackOnMisalignedOutput) {
     EXPECT_EQ(std::memcmp(aligned.y_or_dx(), misaligned.y_or_dx(), shape.elements() * sizeof(float)),
               0);
     std::filesystem::remove_all(dir);
+}
+
+// The residual backward writes two tensors, dx and dz: with streaming_stores both are
+// non-temporal (a dz written normally would be read from DRAM first), the bits are those of the
+// kernel without, and a misaligned dz is refused by name (nothing written) like a misaligned dx.
+TEST(Tuner, StreamingStoresCoverTheResidualGradient) {
+    const Task task{"bn_bwd_train", "cl"};
+    const std::vector<std::string> fused = {"activation=relu", "residual=true"};
+    CpuKnobs on;
+    on.streaming_stores = true;
+    auto plain = Candidate::build(tools(), task, isa_target(best_host_isa()), CpuKnobs{}, fused);
+    auto streaming = Candidate::build(tools(), task, isa_target(best_host_isa()), on, fused);
+    std::ifstream log(streaming->dir() + "/build.log");
+    const std::string built((std::istreambuf_iterator<char>(log)), {});
+    EXPECT_NE(built.find("into dz"), std::string::npos) << built;
+    // The candidates' manifests say plain BatchNorm: open each as the fused kernel it is.
+    auto open_fused = [](const Candidate &c) {
+        nlohmann::json m = nlohmann::json::parse(std::ifstream(c.dir() + "/manifest.json"));
+        m["kernels"][0]["activation"] = "relu";
+        m["kernels"][0]["residual"] = true;
+        std::ofstream(c.dir() + "/manifest.json") << m.dump(1);
+        ng_runtime *rt = nullptr;
+        EXPECT_EQ(ng_runtime_open(c.dir().c_str(), &rt), NG_OK) << ng_last_error();
+        return rt;
+    };
+    ng_runtime *plain_rt = open_fused(*plain), *streaming_rt = open_fused(*streaming);
+    ASSERT_TRUE(plain_rt && streaming_rt);
+
+    const int64_t N = 3, C = 32, L = 7, count = N * C * L;  // rows of 32 floats: 2 vectors
+    const ng_tensor t = {3, {N, C, L}, NG_CHANNELS_LAST, NG_F32, NG_CPU};
+    ng_batch_norm_params params = ng_batch_norm_params_default();
+    params.activation = NG_ACT_RELU;
+    params.residual = 1;
+    auto aligned = [](int64_t floats) {  // 64-byte aligned, one float of room to misalign
+        return std::unique_ptr<float, decltype(&std::free)>(
+            static_cast<float *>(std::aligned_alloc(64, size_t(floats + 16) * sizeof(float))),
+            std::free);
+    };
+    auto x = aligned(count), dy = aligned(count), z = aligned(count);
+    for (int64_t i = 0; i < count; i++) {
+        x.get()[i] = float((i * 37) % 23) / 7.0f - 1.5f;
+        dy.get()[i] = float((i * 11) % 19) / 9.0f - 1.0f;
+        z.get()[i] = float((i * 5) % 13) / 13.0f - 0.5f;
+    }
+    std::vector<float> weight(C, 1.25f), bias(C, 0.125f), mean(C), invstd(C), dweight(C), dbias(C);
+    for (int64_t c = 0; c < C; c++) mean[c] = 0.01f * float(c), invstd[c] = 0.5f + 0.01f * float(c);
+    struct Result {
+        std::unique_ptr<float, decltype(&std::free)> dx, dz;
+        std::vector<float> dweight, dbias;
+    };
+    auto run = [&](ng_runtime *rt, int64_t dz_offset, ng_status *status) {
+        Result r{aligned(count), aligned(count), std::vector<float>(C, -7.0f),
+                 std::vector<float>(C, -7.0f)};
+        std::fill(r.dx.get(), r.dx.get() + count + 16, -7.0f);
+        std::fill(r.dz.get(), r.dz.get() + count + 16, -7.0f);
+        ng_plan *plan = nullptr;
+        EXPECT_EQ(ng_plan_create(rt, NG_OP_BACKWARD, &t, &params, &plan), NG_OK) << ng_last_error();
+        *status = ng_batch_norm_backward(plan, x.get(), dy.get(), z.get(), weight.data(),
+                                         bias.data(), nullptr, nullptr, mean.data(), invstd.data(),
+                                         r.dx.get(), r.dweight.data(), r.dbias.data(),
+                                         r.dz.get() + dz_offset);
+        ng_plan_destroy(plan);
+        return r;
+    };
+    ng_status st_plain = NG_OK, st_streaming = NG_OK, st_misaligned = NG_OK;
+    const Result want = run(plain_rt, 0, &st_plain);
+    const Result got = run(streaming_rt, 0, &st_streaming);
+    ASSERT_EQ(st_plain, NG_OK);
+    ASSERT_EQ(st_streaming, NG_OK) << ng_last_error();
+    const size_t bytes = size_t(count) * sizeof(float);
+    EXPECT_EQ(std::memcmp(want.dx.get(), got.dx.get(), bytes), 0);
+    EXPECT_EQ(std::memcmp(want.dz.get(), got.dz.get(), bytes), 0);
+    EXPECT_EQ(want.dweight, got.dweight);
+    EXPECT_EQ(want.dbias, got.dbias);
+    EXPECT_TRUE(std::any_of(got.dz.get(), got.dz.get() + count, [](float v) { return v == 0; }))
+        << "the ReLU masks no element: the test data does not exercise the mask";
+
+    const Result refused = run(streaming_rt, 1, &st_misaligned);
+    EXPECT_EQ(st_misaligned, NG_INVALID_ARGUMENT);
+    const std::string msg = ng_last_error();
+    EXPECT_EQ(msg.rfind("dz", 0), 0) << msg;
+    EXPECT_NE(msg.find("64-byte aligned"), std::string::npos) << msg;
+    auto untouched = [&](const float *p) {
+        return std::all_of(p, p + count + 16, [](float v) { return v == -7.0f; });
+    };
+    EXPECT_TRUE(untouched(refused.dx.get()) && untouched(refused.dz.get()));
+    ng_runtime_close(plain_rt);
+    ng_runtime_close(streaming_rt);
 }
 
 // float32_stat_rows: blocked candidates pass the check (the backward's sums with their blocks'

@@ -41,9 +41,10 @@ struct Kernel {
     // kernels of this architecture; null otherwise.
     int (*entry)(void **args) = nullptr;  // Halide's <symbol>_argv
     const halide_filter_metadata_t *metadata = nullptr;
-    // Takes the argument streaming_output: writes its output (y or dx) with non-temporal stores
-    // that must be 64-byte aligned, so it runs only where the output's rows (S contiguous, C
-    // channels-last) are a multiple of 64 bytes and its pointer is 64-byte aligned.
+    // Takes the argument streaming_output: writes its tensor outputs (y; dx and dz) with
+    // non-temporal stores that must be 64-byte aligned, so it runs only where the rows (S
+    // contiguous, C channels-last) are a multiple of 64 bytes and each output pointer is
+    // 64-byte aligned.
     bool streams_output = false;
 
     std::string describe_shape() const;

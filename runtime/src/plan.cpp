@@ -379,8 +379,9 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     plan->on_cuda = on_cuda;
     bind_arguments(*plan, channels_last);
     if (best->streams_output)
-        plan->streaming_output_slot =
-            plan->slot[static_cast<size_t>(op == NG_OP_FORWARD ? Role::y : Role::dx)];
+        for (Role output : {Role::y, Role::dx, Role::dz})  // every tensor output streams
+            if (const int i = plan->slot[static_cast<size_t>(output)]; i >= 0)
+                plan->streaming_output_slots.push_back(i);
     const size_t C = static_cast<size_t>(plan->c);
     for (size_t i = 0; i < plan->scratch_host.size(); i++)
         plan->scratch_host[i].assign(C, static_cast<Scratch>(i) == Scratch::ones ? 1.0f : 0.0f);
@@ -423,12 +424,11 @@ void ng_plan::run() {
             ng::fail(NG_INTERNAL, "kernel '", kernel->name, "': argument '",
                      kernel->metadata->arguments[i].name, "' was not bound");
     if (!on_cuda) {
-        if (streaming_output_slot >= 0 &&
-            reinterpret_cast<uintptr_t>(buffers[streaming_output_slot].host) % 64 != 0) {
+        for (const int i : streaming_output_slots) {
+            if (reinterpret_cast<uintptr_t>(buffers[i].host) % 64 == 0) continue;
             if (!unaligned_fallback)
-                ng::fail(NG_INVALID_ARGUMENT, kernel->metadata->arguments[streaming_output_slot].name,
-                         " = ", static_cast<const void *>(buffers[streaming_output_slot].host),
-                         ": kernel '", kernel->name,
+                ng::fail(NG_INVALID_ARGUMENT, kernel->metadata->arguments[i].name, " = ",
+                         static_cast<const void *>(buffers[i].host), ": kernel '", kernel->name,
                          "' writes it with streaming stores and needs it 64-byte aligned, and "
                          "the package has no other kernel for this plan");
             return unaligned_fallback->run();

@@ -74,10 +74,10 @@ struct ng_plan {
     void *cuda_stream = nullptr;
     std::unique_ptr<ng_plan> running_stats_update;
 
-    // A kernel with streaming stores (Kernel::streams_output) runs only on a 64-byte aligned
-    // output: the buffer slot of that output, and the plan of the best kernel without them,
-    // which a call with a misaligned output runs instead (bind() binds both).
-    int streaming_output_slot = -1;
+    // A kernel with streaming stores (Kernel::streams_output) runs only on 64-byte aligned
+    // tensor outputs (y; dx and dz): their buffer slots, and the plan of the best kernel without
+    // them, which a call with a misaligned output runs instead (bind() binds both).
+    std::vector<int> streaming_output_slots;
     std::unique_ptr<ng_plan> unaligned_fallback;
 
     void bind(Role role, const void *data);

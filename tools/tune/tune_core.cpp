@@ -206,11 +206,11 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
     if (run_process(gen, log) != 0)
         throw std::runtime_error("generator failed for knobs " + knobs.to_json().dump() + ":\n" +
                                  read_text(log));
-    const std::string lib = "libcandidate.so";
+    const std::string lib = "libcandidate.so", link_log = cand->dir_ + "/link.log";
     if (run_process({tools.cxx, "-shared", "-o", cand->dir_ + "/" + lib,
                      cand->dir_ + "/" + cand->name_ + ".o"},
-                    log) != 0)
-        throw std::runtime_error("linking the candidate failed:\n" + read_text(log));
+                    link_log) != 0)
+        throw std::runtime_error("linking the candidate failed:\n" + read_text(link_log));
 
     // The manifest entry, as cmake/NormgenKernels.cmake writes it.
     std::vector<std::string> features;

@@ -80,7 +80,8 @@ public:
     ~Candidate();
     ng_runtime *runtime() const { return rt_; }
     const std::string &name() const { return name_; }
-    const std::string &dir() const { return dir_; }  // the package folder
+    // The package folder; build.log there holds the generator's output.
+    const std::string &dir() const { return dir_; }
     const CpuKnobs &knobs() const { return knobs_; }
 
 private:
