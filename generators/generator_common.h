@@ -150,7 +150,7 @@ protected:
     // Resolves the schedule's knobs for `family` (e.g. "bn_fwd_train"); call from configure(),
     // before generate() builds the algorithm. has_statistics: the kernel reduces over each
     // channel's slice, the case prefetch_next_channel serves. masks_loads: the kernel selects
-    // between a loaded tensor element and 0 (see unmasked_load).
+    // between a loaded tensor element and 0 (see select_loaded_or_zero).
     void choose_schedule_for(const std::string &family, bool has_statistics,
                              bool masks_loads = false) {
         const std::string dtype_name = dtype == StorageType::F32   ? "f32"
