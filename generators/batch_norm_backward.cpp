@@ -57,9 +57,9 @@ public:
     }
 
     void generate() {
-        NormPipeline p(layout);
+        NormPipeline p = pipeline();
         p.out = Func("dx");
-        p.channels = x->dim(p.view.channel_dim()).extent();
+        p.channels = p.view.channel_extent(*x);
         const Var &c = p.view.c;
         auto f64 = [](Expr e) { return cast<double>(e); };
         auto f32 = [](Expr e) { return cast<float>(e); };
@@ -70,21 +70,26 @@ public:
         invstd(c) = training ? f64((*save_invstd)(c))
                              : f64(1) / sqrt(f64((*running_var)(c)) + *eps);
         scale(c) = f32(invstd(c) * f64(weight(c)));
-        // The gradient reaching the normalisation at (s_, c, n_): dy, masked by the ReLU.
-        auto grad_at = [&](Expr s_, Expr n_) {
+        // The gradient reaching the normalisation at (s_, c, n_): dy, masked by the ReLU, whose
+        // input takes the channel's mean, scale and bias (`mask`: undefined without ReLU).
+        struct MaskTerms { Expr mean, scale, bias; };
+        auto grad_at = [&](Expr s_, Expr n_, const MaskTerms &mask) {
             Expr g = load(p.view.at(*dy, s_, c, n_));
             if (!relu()) return g;
-            Expr pre = (load(p.view.at(*x, s_, c, n_)) - mean(c)) * scale(c) + (*bias)(c);
+            Expr pre = (load(p.view.at(*x, s_, c, n_)) - mask.mean) * mask.scale + mask.bias;
             if (z) pre += load(p.view.at(*z, s_, c, n_));
             // As threshold_backward(dy, y, 0): zero where y <= 0, so a NaN y passes dy. (Halide
             // lowers `pre <= 0` to an unordered compare, true for NaN: test NaN explicitly.)
             return strict_float(select_loaded_or_zero(pre > 0.0f || is_nan(pre), g));
         };
 
-        Expr spatial = x->dim(p.view.spatial_dim()).extent();
+        const MaskTerms channel_mask =
+            relu() ? MaskTerms{mean(c), scale(c), (*bias)(c)} : MaskTerms{};
+
+        Expr spatial = p.view.spatial_extent(*x);
         Expr batch = x->dim(CanonicalView::batch_dim).extent();
         define_channel_sums(p, *x, [&](Expr s_, Expr n_, Type type, const BlockFirstRow &) {
-            Expr g_at = cast(type, grad_at(s_, n_));
+            Expr g_at = cast(type, grad_at(s_, n_, channel_mask));
             Expr xmu = cast(type, load(p.view.at(*x, s_, c, n_))) - cast(type, mean(c));
             return std::make_pair(g_at, g_at * xmu);
         });
@@ -99,18 +104,28 @@ public:
         p.coeffs(c) = Tuple(f32(a), f32(b), f32(k), f32(sum_g_xmu * invstd(c)), f32(sum_g));
 
         const Var &s = p.view.s, &n = p.view.n;
-        Expr g = grad_at(s, n);
-        Expr dx_value = g * p.coeffs(c)[0];
-        if (training)
-            dx_value += (load(p.view.at(*x, s, c, n)) - mean(c)) * p.coeffs(c)[1] + p.coeffs(c)[2];
+        // What dx and the mask read of the channel, per element: a; b and k in training; the
+        // mean in training or with the mask; the mask's scale and bias.
+        std::vector<Expr> terms = {p.coeffs(c)[0]};
+        if (training) terms.insert(terms.end(), {p.coeffs(c)[1], p.coeffs(c)[2]});
+        const size_t mean_term = terms.size();
+        if (training || relu()) terms.push_back(mean(c));
+        if (relu()) terms.insert(terms.end(), {channel_mask.scale, channel_mask.bias});
+        const std::vector<Expr> t = per_element(p, terms);
+        const MaskTerms element_mask =
+            relu() ? MaskTerms{t[mean_term], t[mean_term + 1], t[mean_term + 2]} : MaskTerms{};
+        Expr g = grad_at(s, n, element_mask);
+        Expr dx_value = g * t[0];
+        if (training) dx_value += (load(p.view.at(*x, s, c, n)) - t[mean_term]) * t[1] + t[2];
         // Prefetched: what the next channel's statistics read (x, dy and, for the mask, z).
         std::vector<TensorInput *> stats_inputs = {x, dy};
         if (z) stats_inputs.push_back(z);
-        p.out(p.view.storage_args()) = store(with_next_channel_loads(dx_value, p.view, stats_inputs));
+        p.out(p.view.output_args()) =
+            p.view.flat_output(store(with_next_channel_loads(dx_value, p.view, stats_inputs)));
         *dx = p.out;
         if (dz) {
             Func dz_func("dz");
-            dz_func(p.view.storage_args()) = store(g);
+            dz_func(p.view.output_args()) = p.view.flat_output(store(g));
             *dz = dz_func;
             p.tensor_outputs = {dz_func};
         }

@@ -51,9 +51,9 @@ public:
     }
 
     void generate() {
-        NormPipeline p(layout);
+        NormPipeline p = pipeline();
         p.out = Func("y");
-        p.channels = x->dim(p.view.channel_dim()).extent();
+        p.channels = p.view.channel_extent(*x);
         const Var &c = p.view.c, &s = p.view.s, &n = p.view.n;
         auto f64 = [](Expr e) { return cast<double>(e); };
         auto f32 = [](Expr e) { return cast<float>(e); };
@@ -74,7 +74,7 @@ public:
                 [&](const BlockFirstRow &first) {
                     return f64(value(first.s, first.n)) - f64(shift(c));
                 });
-            Expr spatial = x->dim(p.view.spatial_dim()).extent();
+            Expr spatial = p.view.spatial_extent(*x);
             Expr batch = x->dim(CanonicalView::batch_dim).extent();
             Expr count = f64(spatial) * f64(batch);
             Expr mean_minus_shift = p.sums(c)[0] / count;
@@ -87,9 +87,10 @@ public:
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), f32(f64(bias(c)) - mean_minus_shift * scale),
                                 f32(f64(shift(c)) + mean_minus_shift), f32(invstd), f32(var));
+            const std::vector<Expr> t = per_element(p, {shift(c), p.coeffs(c)[0], p.coeffs(c)[1]});
             // The next channel's statistics read only x: only x is prefetched.
-            p.out(p.view.storage_args()) = store(with_next_channel_loads(
-                activate((x_at - shift(c)) * p.coeffs(c)[0] + p.coeffs(c)[1] + z_at), p.view, {x}));
+            p.out(p.view.output_args()) = p.view.flat_output(store(
+                with_next_channel_loads(activate((x_at - t[0]) * t[1] + t[2] + z_at), p.view, {x})));
             (*save_mean)(c) = p.coeffs(c)[2];
             (*save_invstd)(c) = p.coeffs(c)[3];
             (*batch_var)(c) = p.coeffs(c)[4];
@@ -99,8 +100,9 @@ public:
             Expr scale = f64(weight(c)) / sqrt(f64((*running_var)(c)) + eps);
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), (*running_mean)(c));
-            p.out(p.view.storage_args()) =
-                store(activate((x_at - p.coeffs(c)[1]) * p.coeffs(c)[0] + bias(c) + z_at));
+            const std::vector<Expr> t = per_element(p, {p.coeffs(c)[1], p.coeffs(c)[0], bias(c)});
+            p.out(p.view.output_args()) =
+                p.view.flat_output(store(activate((x_at - t[0]) * t[1] + t[2] + z_at)));
         }
         *y = p.out;
 

@@ -26,12 +26,14 @@ FixedShape parse_fixed_shape(const std::string &text) {
     return shape;
 }
 
-void constrain_tensor(OutputImageParam buffer, Layout layout, const FixedShape &shape) {
+void constrain_tensor(OutputImageParam buffer, Layout layout, const FixedShape &shape,
+                      bool flat_rows) {
     for (int d = 0; d < 3; d++) buffer.dim(d).set_min(0);
     buffer.dim(0).set_stride(1);
     if (shape.generic()) return;
-    const int inner = layout == Layout::Contiguous ? shape.s : shape.c;
-    const int rows = layout == Layout::Contiguous ? shape.c : shape.n * shape.s;
+    const int inner = flat_rows ? shape.c * shape.s
+                      : layout == Layout::Contiguous ? shape.s : shape.c;
+    const int rows = flat_rows ? 1 : layout == Layout::Contiguous ? shape.c : shape.n * shape.s;
     const int outer = layout == Layout::Contiguous ? shape.n : 1;
     buffer.dim(0).set_extent(inner);
     buffer.dim(1).set_extent(rows).set_stride(inner);

@@ -46,8 +46,9 @@ FixedShape parse_fixed_shape(const std::string &text);
 
 // Constrains a 3-D tensor buffer to the storage the runtime passes: mins 0, innermost stride 1,
 // and (for an exact shape) every extent and stride. In channels-last the runtime folds N into
-// the row dimension, so the kernel sees (C, N*S, 1).
-void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const FixedShape &shape);
+// the row dimension, so the kernel sees (C, N*S, 1); with flat rows, (C*S, 1, N).
+void constrain_tensor(Halide::OutputImageParam buffer, Layout layout, const FixedShape &shape,
+                      bool flat_rows = false);
 // Constrains a per-channel vector (weight, statistics...) to min 0 and, if known, extent C.
 void constrain_channel_vector(Halide::OutputImageParam buffer, const FixedShape &shape);
 
@@ -162,6 +163,11 @@ protected:
         prefetches_next_channel_ = !choice_.cuda && layout == Layout::Contiguous &&
                                    has_statistics && choice_.cpu.stats_per_channel &&
                                    choice_.cpu.prefetch_next_channel && !choice_.cpu.batch_outer;
+        // Exact shapes only (see CpuKnobs::flat_block_rows); cleared where it does not apply, so
+        // that the schedule and streams_output read the knob as applied.
+        if (choice_.cuda || layout != Layout::Contiguous || !choice_.cpu.batch_outer ||
+            parse_fixed_shape(shape).generic())
+            choice_.cpu.flat_block_rows = false;
         unmasks_loads_ = masks_loads && !choice_.cuda &&
                          this->get_target().has_feature(Halide::Target::AVX512);
         if (prefetches_next_channel_ || unmasks_loads_)
@@ -169,6 +175,15 @@ protected:
         // The argument tells the runtime what the kernel requires (see CpuKnobs); its value is
         // not read.
         if (streams_output()) streaming_output_ = this->template add_input<int>("streaming_output");
+        // Likewise: the runtime passes the tensors flat (see CanonicalView).
+        if (choice_.cpu.flat_block_rows) flat_rows_ = this->template add_input<int>("flat_rows");
+    }
+
+    // The pipeline to build, its view flat when the knob flat_block_rows applies.
+    NormPipeline pipeline() const {
+        NormPipeline p(layout);
+        if (choice_.cpu.flat_block_rows) p.view.flat_spatial = parse_fixed_shape(shape).s;
+        return p;
     }
 
     // Whether the output is written with streaming stores: the knob, on x86, for float32
@@ -180,8 +195,14 @@ protected:
             this->get_target().arch != Halide::Target::X86)
             return false;
         const FixedShape fixed = parse_fixed_shape(shape);
-        const int row = layout == Layout::Contiguous ? fixed.s : fixed.c;
-        return fixed.generic() || row % streaming_row_elements(dtype) == 0;
+        // The run written between row strides: a channel's S elements, a block's with
+        // flat_block_rows, or the C channels of one (n, s) in channels-last.
+        const int row_elements = streaming_row_elements(dtype);
+        if (choice_.cpu.flat_block_rows)  // a block's run and the whole row (C*S) of one n
+            return fixed.s * choice_.cpu.channels_per_task % row_elements == 0 &&
+                   fixed.c * fixed.s % row_elements == 0;
+        const int row = layout == Layout::ChannelsLast ? fixed.c : fixed.s;
+        return fixed.generic() || row % row_elements == 0;
     }
 
     // With prefetch_next_channel: `value` (float32, at (s, c, n) of a contiguous tensor) made to
@@ -195,7 +216,7 @@ protected:
         if (!prefetches_next_channel_) return value;
         using namespace Halide;
         const Var &s = view.s, &c = view.c, &n = view.n;
-        Expr next_c = min(c + 1, tensors.front()->dim(view.channel_dim()).extent() - 1);
+        Expr next_c = min(c + 1, view.channel_extent(*tensors.front()) - 1);
         Expr bits = cast<uint32_t>(0);
         for (TensorInput *t : tensors) {
             Expr e = (*t)(s, next_c, n);
@@ -217,6 +238,33 @@ protected:
         if (!unmasks_loads_) return select(keep, loaded, 0.0f);
         Expr zeroed = reinterpret<uint32_t>(loaded) & cast<uint32_t>(*opaque_zero_);
         return select(keep, loaded, reinterpret<float>(zeroed));
+    }
+
+    // The terms of channel c (Exprs of c alone) as the elementwise output reads them at (s, c):
+    // through p.element_terms, so that the schedule can give a block of channels a copy of them
+    // per element (knob flat_block_rows); else inlined, the terms themselves.
+    // With flat rows the copy is a Func of the flat index (c*S + s), as the output's run.
+    std::vector<Halide::Expr> per_element(NormPipeline &p,
+                                          const std::vector<Halide::Expr> &channel_terms) const {
+        using namespace Halide;
+        const Var &s = p.view.s, &c = p.view.c, &flat = p.view.flat;
+        p.element_terms = Func("element_terms");
+        std::vector<Expr> args = {s, c};
+        if (p.view.flat_rows()) {
+            std::vector<Expr> flat_terms;
+            for (const Expr &t : channel_terms)
+                flat_terms.push_back(
+                    Internal::substitute(c.name(), flat / p.view.flat_spatial, t));
+            p.element_terms(flat) = Tuple(flat_terms);
+            args = {c * p.view.flat_spatial + s};
+        } else {
+            p.element_terms(s, c) = Tuple(channel_terms);
+        }
+        std::vector<Expr> at;
+        for (size_t i = 0; i < channel_terms.size(); i++)
+            at.push_back(channel_terms.size() == 1 ? Expr(p.element_terms(args))
+                                                   : Expr(p.element_terms(args)[i]));
+        return at;
     }
 
     // The position of an element's column in the first row of its float32 block: (s, n0) in
@@ -246,7 +294,7 @@ protected:
                              const BlockOffset &recentre = nullptr) const {
         using namespace Halide;
         const Var &c = p.view.c, &s = p.view.s, &n = p.view.n;
-        Expr spatial = tensor.dim(p.view.spatial_dim()).extent();
+        Expr spatial = p.view.spatial_extent(tensor);
         Expr batch = tensor.dim(CanonicalView::batch_dim).extent();
         p.sums = Func("sums");
         p.sums(c) = Tuple(cast<double>(0), cast<double>(0));
@@ -333,7 +381,7 @@ protected:
                                 const std::vector<Halide::OutputImageParam> &tensors,
                                 const std::vector<Halide::OutputImageParam> &channel_vectors) {
         const FixedShape fixed = parse_fixed_shape(shape);
-        for (const auto &t : tensors) constrain_tensor(t, layout, fixed);
+        for (const auto &t : tensors) constrain_tensor(t, layout, fixed, p.view.flat_rows());
         for (const auto &v : channel_vectors) constrain_channel_vector(v, fixed);
         if (streaming_output_) {
             // What lets Halide prove each output's vector stores aligned (asserted on entry):
@@ -359,7 +407,7 @@ private:
     ScheduleChoice choice_;
     Halide::GeneratorInput<double> *opaque_zero_ = nullptr;
     bool prefetches_next_channel_ = false, unmasks_loads_ = false;
-    Halide::GeneratorInput<int> *streaming_output_ = nullptr;
+    Halide::GeneratorInput<int> *streaming_output_ = nullptr, *flat_rows_ = nullptr;
 };
 
 }  // namespace normgen

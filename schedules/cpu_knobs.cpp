@@ -11,6 +11,7 @@ std::string CpuKnobs::to_string() const {
     std::ostringstream os;
     os << "vectors=" << vectors << " stats_per_channel=" << stats_per_channel
        << " channels_per_task=" << channels_per_task << " batch_outer=" << batch_outer
+       << " flat_block_rows=" << flat_block_rows
        << " prefetch_next_channel=" << prefetch_next_channel
        << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements
        << " streaming_stores=" << streaming_stores;
@@ -22,6 +23,7 @@ nlohmann::json CpuKnobs::to_json() const {
             {"stats_per_channel", stats_per_channel},
             {"channels_per_task", channels_per_task},
             {"batch_outer", batch_outer},
+            {"flat_block_rows", flat_block_rows},
             {"prefetch_next_channel", prefetch_next_channel},
             {"float32_stat_rows", float32_stat_rows},
             {"task_elements", task_elements},
@@ -48,6 +50,8 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 if (k.channels_per_task < 1) throw bad(name, "must be >= 1");
             } else if (name == "batch_outer") {
                 k.batch_outer = value.get<bool>();
+            } else if (name == "flat_block_rows") {
+                k.flat_block_rows = value.get<bool>();
             } else if (name == "prefetch_next_channel") {
                 k.prefetch_next_channel = value.get<bool>();
             } else if (name == "float32_stat_rows") {

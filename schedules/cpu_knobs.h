@@ -24,6 +24,16 @@ struct CpuKnobs {
     // elements are more streams than the hardware prefetcher follows. prefetch_next_channel
     // does not apply.
     bool batch_outer = false;
+    // Contiguous layout with batch_outer: the elementwise loop takes a block's row (its
+    // channels_per_task * S contiguous elements) as one run of vectors across channels, each
+    // element's channel terms read from a copy the task expands for its block (S elements per
+    // channel, in L1), instead of each channel's S elements apart. For small S, where a
+    // channel's vectors end in a masked tail every S elements (S = 49: 3 whole vectors and one
+    // lane) and no row is 64-byte aligned for streaming stores: a block row of
+    // channels_per_task * S elements can be (e.g. 16 * 49 * 4 bytes = 49 lines). Exact shapes
+    // only (with S unknown, Halide cannot prove the run's elements contiguous and would
+    // gather); ignored elsewhere, and without batch_outer.
+    bool flat_block_rows = false;
     // Contiguous layout with stats_per_channel (training): the loop writing channel c also loads
     // the same elements of channel c+1, so that the next channel's slice streams in from DRAM
     // while this one's results stream out, and its statistics then read L2. (Demand loads, not

@@ -24,12 +24,16 @@ std::vector<Func> elementwise_outputs(const NormPipeline &p) {
 // elements, so that a task reads and writes a few long runs instead of N short ones per
 // channel (small S: the hardware prefetcher follows them). Then the block's statistics are
 // computed over the whole block before its output, and inference takes blocks of one row
-// (n, block) as its parallel tasks.
+// (n, block) as its parallel tasks. With flat rows (knob flat_block_rows: the tensors are
+// (C*S, 1, N), see CanonicalView) a block's row is one run of vectors across its channels,
+// which read the channel terms from the task's copy of them per element (p.element_terms):
+// no vector ends at a channel's end.
 void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
     Var c_block("c_block"), task("task");
     const bool statistics = p.sums.defined();
     const bool batch_outer = k.batch_outer;
+    const bool flat = p.view.flat_rows();
     // Channels are parallel tasks, alone or in blocks (small slices: fewer, longer tasks).
     auto split_channels = [&](Func f) {
         if (k.channels_per_task > 1 || batch_outer)
@@ -40,6 +44,20 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         f.parallel(k.channels_per_task > 1 || batch_outer ? c_block : c);
     };
     for (Func f : elementwise_outputs(p)) {
+        if (flat) {
+            // Blocks of channels_per_task channels: runs of that many rows of S elements.
+            const Var &flat_index = p.view.flat;
+            f.split(flat_index, c_block, flat_index, k.channels_per_task * p.view.flat_spatial,
+                    TailStrategy::GuardWithIf);
+            if (statistics) {
+                f.reorder(flat_index, c, n, c_block).parallel(c_block);
+            } else {
+                f.reorder(flat_index, c, c_block, n).fuse(c_block, n, task).parallel(task);
+            }
+            f.vectorize(flat_index, lanes, TailStrategy::GuardWithIf);
+            if (f.name() != p.out.name()) f.compute_with(p.out, n);
+            continue;
+        }
         if (!batch_outer) {
             f.reorder(s, n, c);
             parallel_channels(f);
@@ -53,6 +71,10 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         f.vectorize(s, lanes, TailStrategy::GuardWithIf);
         // Further outputs (dz) run beside out, row by row, while the row is in L1.
         if (f.name() != p.out.name()) f.compute_with(p.out, batch_outer ? c : n);
+    }
+    if (flat && p.element_terms.defined()) {
+        p.element_terms.compute_at(p.out, statistics ? c_block : task)
+            .vectorize(p.element_terms.args()[0], lanes, TailStrategy::GuardWithIf);
     }
 
     if (!statistics) {
@@ -95,7 +117,15 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         partial.compute_at(p.out, at);
         p.coeffs.compute_at(p.out, at);
         for (Func f : p.channel_outputs) {
-            parallel_channels(f);
+            if (flat) {
+                // compute_with needs out's loop names: its blocks split the flat dimension.
+                f.rename(c, p.view.flat)
+                    .split(p.view.flat, c_block, p.view.flat, k.channels_per_task,
+                           TailStrategy::GuardWithIf)
+                    .parallel(c_block);
+            } else {
+                parallel_channels(f);
+            }
             f.compute_with(p.out, at);
         }
     } else {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -150,6 +151,51 @@ TEST(Tuner, StreamingStoresChangeNoResultBit) {
         }
         EXPECT_EQ(ran, 3) << task.key();
     }
+}
+
+// flat_block_rows: an exact contiguous kernel takes its tensors flat, (C*S, 1, N), and writes a
+// block's row as one run of vectors across its channels (S = 49: without the knob each channel's
+// row ends in a one-lane vector; 16 channels make 49 whole cache lines, streamed): every output
+// passes the reference check, and y or dx agrees with the kernel without the knob to a few
+// roundings. A generic kernel ignores the knob.
+TEST(Tuner, FlatBlockRowsPassTheCheck) {
+    const Shape shape = Shape::from_dims({5, 48, 7, 7});  // 3 blocks of 16 channels
+    const IsaTarget isa = isa_target(best_host_isa());
+    for (const Task &task : {kFwdTrain, Task{"bn_fwd_infer", "contig"}, Task{"bn_bwd_train", "contig"}}) {
+        CpuKnobs blocked;
+        blocked.batch_outer = true;
+        blocked.channels_per_task = 16;
+        blocked.float32_stat_rows = task.training() ? 2 : 1;  // N = 5: a block of one row too
+        CpuKnobs flat = blocked;
+        flat.flat_block_rows = flat.streaming_stores = true;
+        auto plain = Candidate::build(tools(), task, isa, blocked, {}, &shape);
+        auto flat_rows = Candidate::build(tools(), task, isa, flat, {}, &shape);
+        std::ifstream log(flat_rows->dir() + "/build.log");
+        const std::string built((std::istreambuf_iterator<char>(log)), {});
+        EXPECT_NE(built.find("made non-temporal"), std::string::npos)
+            << "the flat run's stores are not proven aligned: " << built;
+        Workload a(task, shape, 11), b(task, shape, 11);
+        ng_plan *plan = make_plan(plain->runtime(), a, task);
+        a.run(plan);
+        ng_plan_destroy(plan);
+        plan = make_plan(flat_rows->runtime(), b, task);
+        b.run(plan);
+        ng_plan_destroy(plan);
+        EXPECT_EQ(b.compare_with_reference(flat.float32_stat_rows), "") << task.key();
+        // Not bit for bit: LLVM may contract a*b + c into an FMA (Halide allows it outside
+        // strict_float), and loops of another shape contract differently (forward: only each
+        // channel's last element, the one-lane tail without the knob). So within a few float32
+        // roundings of the terms, which are of the order of the result plus 1.
+        double worst = 0;
+        for (int64_t i = 0; i < shape.elements(); i++)
+            worst = std::max(worst, std::abs(double(a.y_or_dx()[i]) - double(b.y_or_dx()[i])) /
+                                        (1 + std::abs(double(a.y_or_dx()[i]))));
+        EXPECT_LE(worst, 4 * FLT_EPSILON) << task.key();
+    }
+    CpuKnobs generic;
+    generic.batch_outer = generic.flat_block_rows = true;
+    auto ignored = Candidate::build(tools(), kFwdTrain, isa, generic);
+    EXPECT_EQ(check_candidate(*ignored, kFwdTrain, check_shapes()), "");
 }
 
 // A streaming kernel with a misaligned output: the plan runs the next-best kernel of its

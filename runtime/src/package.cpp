@@ -200,6 +200,8 @@ void Package::resolve(Kernel &k, std::map<std::string, void *> &opened, const st
     for (int i = 0; i < k.metadata->num_arguments; i++)
         if (std::string(k.metadata->arguments[i].name) == "streaming_output")
             k.streams_output = true;
+        else if (std::string(k.metadata->arguments[i].name) == "flat_rows")
+            k.flat_rows = true;
 }
 
 void Package::load_device_kernels(const std::string &device) {

@@ -46,6 +46,9 @@ struct Kernel {
     // contiguous, C channels-last) are a multiple of 64 bytes and each output pointer is
     // 64-byte aligned.
     bool streams_output = false;
+    // Takes the argument flat_rows: takes contiguous tensors as (C*S, 1, N) (an exact shape's
+    // kernel; its rows are then the C*S elements of one n).
+    bool flat_rows = false;
 
     std::string describe_shape() const;
 };

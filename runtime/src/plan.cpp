@@ -23,7 +23,7 @@ const char *kRoleNames[] = {"x",          "z",           "dy",        "y",      
                             "running_var", "eps",        "save_mean", "save_invstd",
                             "batch_var",  "dweight",     "dbias",    "running_mean_out",
                             "running_var_out", "momentum_factor", "unbias", "opaque_zero",
-                            "streaming_output"};
+                            "streaming_output", "flat_rows"};
 static_assert(sizeof(kRoleNames) / sizeof(kRoleNames[0]) == static_cast<size_t>(Role::count));
 
 }  // namespace
@@ -136,21 +136,28 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
     // Tensor storage, innermost first; channels-last folds N into the row dimension.
     const int32_t n = static_cast<int32_t>(plan.n), c = static_cast<int32_t>(plan.c),
                   s = static_cast<int32_t>(plan.s);
+    // A kernel with the flat_rows marker takes contiguous tensors as (C*S, 1, N).
+    bool flat_rows = false;
+    for (int i = 0; i < nargs; i++)
+        flat_rows |= role_named(md->arguments[i].name) == Role::flat_rows;
     const std::array<halide_dimension_t, 3> tensor_dims =
         channels_last ? std::array<halide_dimension_t, 3>{{{0, c, 1, 0}, {0, n * s, c, 0},
                                                            {0, 1, n * s * c, 0}}}
+        : flat_rows   ? std::array<halide_dimension_t, 3>{{{0, c * s, 1, 0}, {0, 1, c * s, 0},
+                                                           {0, n, c * s, 0}}}
                       : std::array<halide_dimension_t, 3>{{{0, s, 1, 0}, {0, c, s, 0},
                                                            {0, n, c * s, 0}}};
     // Halide's argv order is the metadata order (its own RunGen relies on this too).
     for (int i = 0; i < nargs; i++) {
         const halide_filter_argument_t &arg = md->arguments[i];
         const Role role = role_named(arg.name);
-        if (arg.kind == halide_argument_kind_input_scalar && role == Role::streaming_output) {
+        if (arg.kind == halide_argument_kind_input_scalar &&
+            (role == Role::streaming_output || role == Role::flat_rows)) {
             // A marker: the kernel does not read its value.
             static const int32_t kAlignment = 64;
             if (arg.type.code != halide_type_int || arg.type.bits != 32)
                 fail(NG_PACKAGE_ERROR, "kernel '", plan.kernel->name,
-                     "': argument 'streaming_output' is not an int32");
+                     "': argument '", arg.name, "' is not an int32");
             plan.args[i] = const_cast<int32_t *>(&kAlignment);
             continue;
         }
@@ -276,9 +283,10 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
     const std::string activation = params->activation == NG_ACT_RELU ? "relu" : "none";
     const bool residual = params->residual != 0;
     // Streaming stores need every output row to start 64-byte aligned (given an aligned pointer).
-    const int64_t row_bytes = (channels_last ? plan->c : plan->s) *
-                              static_cast<int64_t>(element_size(x->dtype));
-    const bool rows_aligned = row_bytes % 64 == 0;
+    auto row_bytes_of = [&](const Kernel &k) {
+        return (channels_last ? plan->c : k.flat_rows ? plan->c * plan->s : plan->s) *
+               static_cast<int64_t>(element_size(x->dtype));
+    };
 
     // Best ISA (most features) or CUDA capability first, then the most specialised shape:
     // exact, then shape class, then generic. Kernels specialised for other shapes are not
@@ -300,9 +308,10 @@ ng_plan *create_plan(ng_runtime *rt, int op_value, const ng_tensor *x,
             continue;
         }
         if (k.streams_output && !allow_streaming) continue;  // the fallback's search
-        if (k.streams_output && !rows_aligned) {
+        if (k.streams_output && row_bytes_of(k) % 64 != 0) {
             passed_over.push_back(k.name + " (streaming stores need rows of a multiple of 64 " +
-                                  "bytes; this output's rows are " + std::to_string(row_bytes) +
+                                  "bytes; this output's rows are " +
+                                  std::to_string(row_bytes_of(k)) +
                                   " bytes)");
             continue;
         }

@@ -19,7 +19,9 @@ enum class Role {
     // a 0 the kernel cannot see is constant (the prefetch_next_channel knob's mask)
     opaque_zero,
     // marks a kernel that writes its output with streaming stores (Kernel::streams_output)
-    streaming_output, count
+    streaming_output,
+    // marks a kernel that takes its tensors flat, as (C*S, 1, N) (generators/norm_pipeline.h)
+    flat_rows, count
 };
 
 // Per-channel buffers a plan owns: weight 1 / bias 0 without affine, and the statistics and

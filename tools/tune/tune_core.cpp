@@ -173,14 +173,16 @@ std::string mode_of(const Task &t) { return t.family == "bn_fwd_infer" ? "infere
 
 std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task &task,
                                             const IsaTarget &target, const CpuKnobs &knobs,
-                                            const std::vector<std::string> &extra_params) {
+                                            const std::vector<std::string> &extra_params,
+                                            const Shape *exact) {
     fs::create_directories(tools.work_dir);
     std::string tmpl = tools.work_dir + "/cand-XXXXXX";
     if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp in " + tools.work_dir + " failed");
     auto cand = std::unique_ptr<Candidate>(new Candidate());
     cand->dir_ = tmpl;
-    // The package's own name for a generic kernel of this variant.
-    cand->name_ = task.family + "_f32_" + task.layout + "_" + target.isa;
+    // The package's own name for a kernel of this variant.
+    cand->name_ = task.family + "_f32_" + task.layout + "_" + target.isa +
+                  (exact ? "_" + exact->key() : "");
     cand->knobs_ = knobs;
     const std::string log = cand->dir_ + "/build.log";
     std::vector<std::string> gen = {tools.generator_exe,
@@ -200,7 +202,7 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
                                     "activation=none",
                                     "residual=false",
                                     "layout=" + task.layout,
-                                    "shape=generic",
+                                    "shape=" + (exact ? exact->key() : std::string("generic")),
                                     "knobs=" + knobs.to_json().dump()};
     gen.insert(gen.end(), extra_params.begin(), extra_params.end());
     if (run_process(gen, log) != 0)
@@ -237,7 +239,11 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
                         {"isa", target.isa},
                         {"features", features},
                         {"target", target.halide_target},
-                        {"shape", {{"kind", "generic"}}},
+                        {"shape", exact ? json{{"kind", "exact"},
+                                               {"n", exact->n},
+                                               {"c", exact->c},
+                                               {"s", exact->s}}
+                                        : json{{"kind", "generic"}}},
                         {"file", lib},
                         {"symbol", cand->name_}}}}};
     std::ofstream(cand->dir_ + "/manifest.json") << manifest.dump(1);

@@ -73,10 +73,13 @@ struct BuildTools {
 class Candidate {
 public:
     // Runs the generator with the knobs (and extra generator params, e.g. for tests), links the
-    // object and opens the package. Throws std::runtime_error with the generator's output.
+    // object and opens the package. A generic kernel, or with `exact` one for that shape only
+    // (extents fixed at generation, as the build's exact kernels). Throws std::runtime_error
+    // with the generator's output.
     static std::unique_ptr<Candidate> build(const BuildTools &tools, const Task &task,
                                             const IsaTarget &target, const CpuKnobs &knobs,
-                                            const std::vector<std::string> &extra_params = {});
+                                            const std::vector<std::string> &extra_params = {},
+                                            const Shape *exact = nullptr);
     ~Candidate();
     ng_runtime *runtime() const { return rt_; }
     const std::string &name() const { return name_; }
