@@ -329,7 +329,19 @@ protected:
         const Expr row_count = along_n ? batch : spatial;
         RDom j(0, rows, "j");
         p.row_blocks = Func("row_blocks");
-        {
+        if (p.view.flat_rows()) {
+            // Flat rows: the column sums of each block of rows over the flat index (c*S + s), so
+            // that a vector runs across channels as the output's does; sums then adds S columns
+            // per channel.
+            const Var &flat = p.view.flat;
+            Expr first_row = n * rows;
+            j.where(first_row + j < row_count);
+            Expr row = min(first_row + j, row_count - 1);
+            auto [first, second] = terms(s, row, Float(32), BlockFirstRow{s, first_row});
+            p.row_blocks(flat, n) = Tuple(0.0f, 0.0f);
+            p.row_blocks(flat, n) = Tuple(p.row_blocks(flat, n)[0] + p.view.flat_output(first),
+                                          p.row_blocks(flat, n)[1] + p.view.flat_output(second));
+        } else {
             const Var &block = along_n ? n : s;
             Expr first_row = block * rows;
             j.where(first_row + j < row_count);
@@ -347,7 +359,9 @@ protected:
         p.r = along_n ? RDom(0, spatial, 0, blocks, "r") : RDom(0, blocks, 0, batch, "r");
         const BlockFirstRow first = along_n ? BlockFirstRow{p.r.x, p.r.y * rows}
                                             : BlockFirstRow{p.r.x * rows, p.r.y};
-        Tuple block_sums = p.row_blocks(p.view.layout == Layout::Contiguous
+        Tuple block_sums = p.row_blocks(p.view.flat_rows()
+                                            ? std::vector<Expr>{c * p.view.flat_spatial + p.r.x, p.r.y}
+                                        : p.view.layout == Layout::Contiguous
                                             ? std::vector<Expr>{p.r.x, c, p.r.y}
                                             : std::vector<Expr>{c, p.r.x, p.r.y});
         Expr sum_first = cast<double>(block_sums[0]), sum_second = cast<double>(block_sums[1]);

@@ -27,7 +27,9 @@ struct CpuKnobs {
     // Contiguous layout with batch_outer: the elementwise loop takes a block's row (its
     // channels_per_task * S contiguous elements) as one run of vectors across channels, each
     // element's channel terms read from a copy the task expands for its block (S elements per
-    // channel, in L1), instead of each channel's S elements apart. For small S, where a
+    // channel, in L1), instead of each channel's S elements apart; with float32_stat_rows the
+    // statistics' float32 blocks are column sums over the flat index too (then S columns per
+    // channel in float64). For small S, where a
     // channel's vectors end in a masked tail every S elements (S = 49: 3 whole vectors and one
     // lane) and no row is 64-byte aligned for streaming stores: a block row of
     // channels_per_task * S elements can be (e.g. 16 * 49 * 4 bytes = 49 lines). Exact shapes

@@ -101,7 +101,19 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     }
     partial.vectorize(lane);
     partial.update().vectorize(lane);
-    if (p.row_blocks.defined()) {
+    if (p.row_blocks.defined() && flat) {
+        // Column sums across the block's channels, one vector of columns at a time down a
+        // block of rows (in registers), for all the task's channels before their sums.
+        const RVar row_in_block = p.row_blocks.rvars(0)[0];
+        if (k.stats_per_channel) {
+            p.row_blocks.compute_at(p.out, c_block);
+        } else {
+            p.row_blocks.compute_root().parallel(p.row_blocks.args()[1]);
+        }
+        p.row_blocks.vectorize(p.view.flat, lanes, TailStrategy::GuardWithIf);
+        p.row_blocks.update().reorder(row_in_block, p.view.flat);
+        p.row_blocks.update().vectorize(p.view.flat, lanes, TailStrategy::GuardWithIf);
+    } else if (p.row_blocks.defined()) {
         // One vector of a block's float32 sums at a time, widened into partial right away.
         p.row_blocks.compute_at(partial, rxo).vectorize(s, lanes, TailStrategy::GuardWithIf);
         p.row_blocks.update().vectorize(s, lanes, TailStrategy::GuardWithIf);
