@@ -87,10 +87,12 @@ public:
             p.coeffs = Func("coeffs");
             p.coeffs(c) = Tuple(f32(scale), f32(f64(bias(c)) - mean_minus_shift * scale),
                                 f32(f64(shift(c)) + mean_minus_shift), f32(invstd), f32(var));
-            const std::vector<Expr> t = per_element(p, {shift(c), p.coeffs(c)[0], p.coeffs(c)[1]});
+            const std::vector<Expr> t =
+                per_element(p, {shift(c), p.coeffs(c)[0], p.coeffs(c)[1]});
             // The next channel's statistics read only x: only x is prefetched.
-            p.out(p.view.output_args()) = p.view.flat_output(store(
-                with_next_channel_loads(activate((x_at - t[0]) * t[1] + t[2] + z_at), p.view, {x})));
+            Expr y_value = activate((x_at - t[0]) * t[1] + t[2] + z_at);
+            p.out(p.view.output_args()) =
+                p.view.flat_output(store(with_next_channel_loads(y_value, p.view, {x})));
             (*save_mean)(c) = p.coeffs(c)[2];
             (*save_invstd)(c) = p.coeffs(c)[3];
             (*batch_var)(c) = p.coeffs(c)[4];

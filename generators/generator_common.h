@@ -359,11 +359,10 @@ protected:
         p.r = along_n ? RDom(0, spatial, 0, blocks, "r") : RDom(0, blocks, 0, batch, "r");
         const BlockFirstRow first = along_n ? BlockFirstRow{p.r.x, p.r.y * rows}
                                             : BlockFirstRow{p.r.x * rows, p.r.y};
-        Tuple block_sums = p.row_blocks(p.view.flat_rows()
-                                            ? std::vector<Expr>{c * p.view.flat_spatial + p.r.x, p.r.y}
-                                        : p.view.layout == Layout::Contiguous
-                                            ? std::vector<Expr>{p.r.x, c, p.r.y}
-                                            : std::vector<Expr>{c, p.r.x, p.r.y});
+        const Expr flat_column = c * p.view.flat_spatial + p.r.x;
+        Tuple block_sums = p.row_blocks(p.view.flat_rows() ? std::vector<Expr>{flat_column, p.r.y}
+                                        : along_n ? std::vector<Expr>{p.r.x, c, p.r.y}
+                                                  : std::vector<Expr>{c, p.r.x, p.r.y});
         Expr sum_first = cast<double>(block_sums[0]), sum_second = cast<double>(block_sums[1]);
         if (recentre) {
             Expr offset = recentre(first);

@@ -77,11 +77,12 @@ struct NormPipeline {
     std::vector<Halide::Func> channel_pre;  // per-channel Funcs the reduction reads (e.g. a shift)
     Halide::Func sums;                      // per-channel Tuple reduction over r (may be undefined)
     // With float32 row blocks (knob float32_stat_rows): float32 sums over a block of rows at
-    // (s, c, block), which sums adds up in float64 over r = (s, block). Else undefined.
+    // (s, c, block), or (flat, block) with flat rows, which sums adds up in float64 over
+    // r = (s, block). Else undefined.
     Halide::Func row_blocks;
     Halide::Func coeffs;                    // per-channel Tuple of what the elementwise stage needs
-    // (s, c): the channel terms out reads at (s, c), the same at every s (see
-    // BatchNormGenerator::per_element). Inlined unless the schedule keeps a copy for a block of
+    // (s, c), or (flat) with flat rows: the channel terms out reads at (s, c), the same at every
+    // s (see BatchNormGenerator::per_element). Inlined unless the schedule keeps a copy for a block of
     // channels, to vectorize across channels (knob flat_block_rows). May be undefined.
     Halide::Func element_terms;
     Halide::Func out;                       // the tensor output (y or dx), in storage order

@@ -137,9 +137,7 @@ void bind_arguments(ng_plan &plan, bool channels_last) {
     const int32_t n = static_cast<int32_t>(plan.n), c = static_cast<int32_t>(plan.c),
                   s = static_cast<int32_t>(plan.s);
     // A kernel with the flat_rows marker takes contiguous tensors as (C*S, 1, N).
-    bool flat_rows = false;
-    for (int i = 0; i < nargs; i++)
-        flat_rows |= role_named(md->arguments[i].name) == Role::flat_rows;
+    const bool flat_rows = plan.kernel->flat_rows;
     const std::array<halide_dimension_t, 3> tensor_dims =
         channels_last ? std::array<halide_dimension_t, 3>{{{0, c, 1, 0}, {0, n * s, c, 0},
                                                            {0, 1, n * s * c, 0}}}
