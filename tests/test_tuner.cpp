@@ -15,6 +15,7 @@
 #include <iterator>
 
 #include "../tools/tune/tune_core.h"
+#include "../tools/tune/tuned_entries.h"
 
 namespace normgen::tune {
 namespace {
@@ -386,6 +387,87 @@ TEST(Tuner, ShapeClassBuckets) {
     EXPECT_TRUE(parsed == shape_class_of(255, 1024));
     EXPECT_FALSE(parsed.contains(256, 1024));
     EXPECT_FALSE(parse_shape_class("n32_c64_s3136", &parsed));
+}
+
+// Entries from trials (derive_entries): an exact entry comes from its shape's exact trials (the
+// kernel the build ships) where there are any, and they compete for nothing else; a hand-set
+// entry survives until exact trials of its shape exist.
+TEST(Tuner, ExactTrialsChooseOnlyTheirShapesEntry) {
+    using nlohmann::json;
+    const std::string small = "n32_c512_s49", large = "n32_c64_s3136";
+    auto timing = [](double frac) {
+        return json{{"frac_cold", frac}, {"frac_warm", frac}, {"ms_cold", 1.0},
+                    {"ms_warm", 1.0},    {"gbps_cold", 10.0}};
+    };
+    auto generic_trial = [&](int vectors, double on_small, double on_large) {
+        return json{{"knobs", {{"vectors", vectors}}},
+                    {"check", "passed"},
+                    {"results", {{small, timing(on_small)}, {large, timing(on_large)}}}};
+    };
+    auto exact_trial = [&](const std::string &shape, json knobs, double frac) {
+        return json{{"knobs", knobs},
+                    {"exact", shape},
+                    {"check", "passed"},
+                    {"verified", {shape}},
+                    {"results", {{shape, timing(frac)}}}};
+    };
+    const json flat = {{"vectors", 1}, {"batch_outer", true}, {"flat_block_rows", true}};
+    const json hand_set_knobs = {{"vectors", 4}};
+    json doc = {{"target", "x86-64-avx512"},
+                {"entries",
+                 {{{"family", "bn_fwd_train"},
+                   {"dtype", "f32"},
+                   {"layout", "contig"},
+                   {"shape", large},
+                   {"knobs", hand_set_knobs},
+                   {"measured", {{"hand_set", "test"}}}},
+                  {{"family", "bn_bwd_eval"},
+                   {"dtype", "f32"},
+                   {"layout", "contig"},
+                   {"shape", "generic"},
+                   {"knobs", json::object()},
+                   {"measured", nullptr}}}},
+                {"tuning",
+                 {{"tasks",
+                   {{"bn_fwd_train/contig",
+                     {{"trials",
+                       {generic_trial(1, 0.5, 0.9), generic_trial(2, 0.6, 0.8),
+                        // Faster than any generic trial on `small`, but timed there only.
+                        exact_trial(small, flat, 0.95)}}}}}}}}};
+    auto entry = [&](const std::string &family, const std::string &shape) -> json {
+        for (const auto &e : doc["entries"])
+            if (e["family"] == family && e["shape"] == shape) return e;
+        return nullptr;
+    };
+    derive_entries(doc);
+    ASSERT_FALSE(entry("bn_fwd_train", small).is_null());
+    EXPECT_EQ(entry("bn_fwd_train", small)["knobs"], flat);
+    EXPECT_EQ(entry("bn_fwd_train", small)["measured"]["kernel"], "exact");
+    EXPECT_TRUE(entry("bn_fwd_train", small)["measured"]["verified_on_shape"].get<bool>());
+    // The hand-set entry stays; the untuned family's entry too.
+    EXPECT_EQ(entry("bn_fwd_train", large)["knobs"], hand_set_knobs);
+    EXPECT_FALSE(entry("bn_bwd_eval", "generic").is_null());
+    // Generic and class entries: generic trials only (geomean 0.693 beats 0.671).
+    EXPECT_EQ(entry("bn_fwd_train", "generic")["knobs"], json({{"vectors", 2}}));
+    EXPECT_EQ(entry("bn_fwd_train", "generic")["measured"]["kernel"], "generic");
+    const std::string small_class = shape_class_of(512, 49).key();
+    EXPECT_EQ(entry("bn_fwd_train", small_class)["knobs"], json({{"vectors", 2}}));
+
+    // An exact trial of the hand-set entry's shape supersedes it, even if slower than a
+    // generic trial there: only exact kernels compete for an exact entry once timed.
+    doc["tuning"]["tasks"]["bn_fwd_train/contig"]["trials"].push_back(
+        exact_trial(large, hand_set_knobs, 0.7));
+    derive_entries(doc);
+    EXPECT_EQ(entry("bn_fwd_train", large)["knobs"], hand_set_knobs);
+    EXPECT_EQ(entry("bn_fwd_train", large)["measured"]["kernel"], "exact");
+    EXPECT_DOUBLE_EQ(entry("bn_fwd_train", large)["measured"]["fraction_of_reference"].get<double>(),
+                     0.7);
+    // A rejected exact trial competes for nothing.
+    json rejected = exact_trial(small, {{"vectors", 8}}, 2.0);
+    rejected["rejected"] = "reference check";
+    doc["tuning"]["tasks"]["bn_fwd_train/contig"]["trials"].push_back(rejected);
+    derive_entries(doc);
+    EXPECT_EQ(entry("bn_fwd_train", small)["knobs"], flat);
 }
 
 TEST(Tuner, KnobsRoundTripThroughTheOneParser) {

@@ -15,7 +15,9 @@
 // run stopped and `merge` combines shards. Entries (exact shape, shape class, generic) are
 // derived from the trials; winners are checked against the reference on their real shapes.
 // After the search, the baseline and the winners are re-timed in interleaved rounds
-// (--confirm-rounds) and winners are chosen again from those medians.
+// (--confirm-rounds) and winners are chosen again from those medians. Last, each shape's exact
+// entry is chosen among exact kernels, the kind the build ships for it (--exact-rounds; see
+// TaskSearch::refine_exact): about 10-20 s per candidate kernel to build and time.
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,6 +34,7 @@
 #include <sstream>
 
 #include "tune/tune_core.h"
+#include "tune/tuned_entries.h"
 
 namespace {
 
@@ -43,7 +46,8 @@ int usage() {
     std::fprintf(stderr,
                  "usage: normgen tune [--isa sse41|avx2|avx512] [--shapes FILE] "
                  "[--budget-minutes M] [--reps R] [--shard k/n] [--tasks family/layout,...] "
-                 "[--confirm-rounds N] [--confirm-only] [--seed N] [-o FILE] [--work-dir DIR] "
+                 "[--confirm-rounds N] [--confirm-only] [--exact-rounds N] "
+                 "[--exact-candidates K] [--exact-only] [--seed N] [-o FILE] [--work-dir DIR] "
                  "[--generator EXE]\n"
                  "       normgen tune merge A.json B.json [...] -o OUT.json\n");
     return 2;
@@ -65,165 +69,6 @@ void write_json(const std::string &path, const json &doc) {
     std::rename(tmp.c_str(), path.c_str());  // a crash never leaves a half-written file
 }
 
-double geomean(const std::vector<double> &v) {
-    double log_sum = 0;
-    for (double x : v) log_sum += std::log(x);
-    return v.empty() ? 0 : std::exp(log_sum / double(v.size()));
-}
-
-// (C, S) of an n<N>_c<C>_s<S> key.
-std::pair<int64_t, int64_t> channels_spatial(const std::string &key) {
-    int64_t n, c, s;
-    std::sscanf(key.c_str(), "n%ld_c%ld_s%ld", &n, &c, &s);
-    return {c, s};
-}
-
-// ---- Deriving entries from trials -----------------------------------------------------------
-
-struct Winner {
-    const json *trial = nullptr;
-    double score = 0;
-};
-
-// The results a trial is ranked by: its confirmation if it has one (see confirm()), else its
-// search-time measurement.
-const json &results_of(const json &trial) {
-    return trial.contains("confirmed") ? trial["confirmed"] : trial["results"];
-}
-
-// Trials that passed the check and were timed on every one of `shapes`. Once a task has
-// confirmed trials, only those compete: a single search-time measurement on this shared
-// machine is noisier than the median of the confirmation rounds, and the luckiest of many
-// noisy measurements would win (the winner's curse).
-std::vector<const json *> usable_trials(const json &trials,
-                                        const std::vector<std::string> &shapes) {
-    const bool confirmed = std::any_of(trials.begin(), trials.end(), [](const json &t) {
-        return t.contains("confirmed") && !t.contains("rejected");
-    });
-    std::vector<const json *> out;
-    for (const auto &t : trials) {
-        if (t.contains("rejected") || !t.contains("results")) continue;
-        if (confirmed && !t.contains("confirmed")) continue;
-        bool all = true;
-        for (const auto &s : shapes) all = all && results_of(t).contains(s);
-        if (all) out.push_back(&t);
-    }
-    return out;
-}
-
-// Which entry a winner is chosen for: its key's kind decides which knob sets qualify.
-enum class EntryKind { Exact, Class, Generic };
-EntryKind entry_kind(const std::string &key) {
-    if (key == "generic") return EntryKind::Generic;
-    return key.rfind("class_", 0) == 0 ? EntryKind::Class : EntryKind::Exact;
-}
-
-// Generic entries keep float64 terms (generic kernels serve any data); generic and class
-// entries do not stream (they serve shapes whose rows are not 64-byte multiples, which a
-// streaming kernel leaves to the next kernel).
-Winner best_over(const json &trials, const std::vector<std::string> &shapes, EntryKind kind) {
-    Winner w;
-    for (const json *t : usable_trials(trials, shapes)) {
-        const json &knobs = (*t)["knobs"];
-        if (kind == EntryKind::Generic && knobs.value("float32_stat_rows", 1) != 1) continue;
-        if (kind != EntryKind::Exact && knobs.value("streaming_stores", false)) continue;
-        std::vector<double> fr;
-        for (const auto &s : shapes) fr.push_back(results_of(*t)[s]["frac_cold"].get<double>());
-        const double g = geomean(fr);
-        if (g > w.score) w = {t, g};
-    }
-    return w;
-}
-
-// Every shape key any trial of the task was timed on.
-std::vector<std::string> task_shapes(const json &task_state) {
-    std::set<std::string> keys;
-    for (const auto &t : task_state["trials"])
-        if (t.contains("results"))
-            for (const auto &[k, v] : t["results"].items()) keys.insert(k);
-    return {keys.begin(), keys.end()};
-}
-
-// The groups a task's entries are made for: each shape, each shape class, and all (generic).
-struct Group {
-    std::string shape;  // entry key: n.._c.._s.., class_..., generic
-    std::vector<std::string> shapes;
-};
-std::vector<Group> groups_of(const std::vector<std::string> &shapes) {
-    std::vector<Group> groups;
-    std::map<std::string, std::vector<std::string>> classes;
-    for (const auto &s : shapes) {
-        groups.push_back({s, {s}});
-        const auto [c, sp] = channels_spatial(s);
-        classes[shape_class_of(c, sp).key()].push_back(s);
-    }
-    for (auto &[k, v] : classes) groups.push_back({k, v});
-    groups.push_back({"generic", shapes});
-    return groups;
-}
-
-// Replaces the entries of every tuned task with the winners of its trials.
-void derive_entries(json &doc) {
-    const json &tasks = doc["tuning"]["tasks"];
-    const json machine = doc["tuning"].value("machine", json::object());
-    json kept = json::array();
-    for (const auto &e : doc.value("entries", json::array())) {
-        const std::string key = e.value("family", "") + "/" + e.value("layout", "");
-        if (e.value("dtype", "") == "f32" && tasks.contains(key) && !tasks[key]["trials"].empty())
-            continue;
-        kept.push_back(e);
-    }
-    for (const auto &[key, state] : tasks.items()) {
-        const auto slash = key.find('/');
-        const std::string family = key.substr(0, slash), layout = key.substr(slash + 1);
-        const json *baseline = nullptr;
-        for (const auto &t : state["trials"])
-            if (t.value("baseline", false) && t.contains("results")) baseline = &t;
-        const json no_results = json::object();
-        const json &baseline_results = baseline ? results_of(*baseline) : no_results;
-        for (const Group &g : groups_of(task_shapes(state))) {
-            const Winner w = best_over(state["trials"], g.shapes, entry_kind(g.shape));
-            if (!w.trial) continue;
-            json per_shape = json::object();
-            std::vector<double> ms, gbps, warm, base;
-            for (const auto &s : g.shapes) {
-                const json &r = results_of(*w.trial)[s];
-                per_shape[s] = r;
-                ms.push_back(r["ms_cold"]);
-                gbps.push_back(r["gbps_cold"]);
-                warm.push_back(r["frac_warm"]);
-                if (baseline_results.contains(s)) base.push_back(baseline_results[s]["frac_cold"]);
-            }
-            json measured = {{"reference", family == "bn_bwd_train" ? "read2_write1" : "copy"},
-                             {"fraction_of_reference", w.score},
-                             {"confirmed", w.trial->contains("confirmed")},
-                             {"fraction_of_reference_warm", geomean(warm)},
-                             {"time_ms", g.shapes.size() == 1 ? json(ms[0]) : json(nullptr)},
-                             {"gb_per_s", geomean(gbps)},
-                             {"verified_on_shape",
-                              std::all_of(g.shapes.begin(), g.shapes.end(),
-                                          [&](const std::string &s) {
-                                              return w.trial->contains("verified") &&
-                                                     std::count((*w.trial)["verified"].begin(),
-                                                                (*w.trial)["verified"].end(), s);
-                                          })},
-                             {"machine", w.trial->value("machine", machine)}};
-            if (base.size() == g.shapes.size()) {
-                measured["baseline_knobs"] = (*baseline)["knobs"];
-                measured["baseline_fraction"] = geomean(base);
-            }
-            if (g.shapes.size() > 1) measured["shapes"] = per_shape;
-            kept.push_back({{"family", family},
-                            {"dtype", "f32"},
-                            {"layout", layout},
-                            {"shape", g.shape},
-                            {"knobs", (*w.trial)["knobs"]},
-                            {"measured", measured}});
-        }
-    }
-    doc["entries"] = kept;
-}
-
 // ---- The search ---------------------------------------------------------------------------
 
 struct Options {
@@ -240,6 +85,9 @@ struct Options {
     bool output_existed = false;  // the baseline is the knobs the existing file gives
     int confirm_rounds = 3;       // after the search; 0: none
     bool confirm_only = false;    // no search: confirm the winners of the existing trials
+    int exact_rounds = 3;         // exact kernels per shape, after confirming; 0: none
+    int exact_candidates = 2;     // the best generic trials per shape built as exact kernels
+    bool exact_only = false;      // neither search nor confirmation: the exact kernels only
 };
 
 class TaskSearch {
@@ -288,12 +136,14 @@ public:
     // over rounds becomes the trial's "confirmed" result, by which winners are then chosen.
     void confirm(int rounds) {
         // A new confirmation starts from the search's ranking, not the last confirmation's.
-        for (auto &t : state()["trials"]) t.erase("confirmed");
+        for (auto &t : state()["trials"])
+            if (!t.contains("exact")) t.erase("confirmed");
         derive_entries(doc_);
         std::vector<json *> chosen;
         auto add = [&](const json &knobs) {
             for (auto &t : state()["trials"])
-                if (t["knobs"] == knobs && !t.contains("rejected") && t.contains("results") &&
+                if (t["knobs"] == knobs && !t.contains("exact") && !t.contains("rejected") &&
+                    t.contains("results") &&
                     std::find(chosen.begin(), chosen.end(), &t) == chosen.end())
                     chosen.push_back(&t);
         };
@@ -304,32 +154,7 @@ public:
         std::fprintf(stderr, "[%s] confirming %zu candidates, %d interleaved rounds per shape\n",
                      task_.key().c_str(), chosen.size(), rounds);
         for (const Shape &s : shapes_) {
-            Workload &w = workload(s);
-            std::vector<std::vector<Workload::Timing>> times(chosen.size());
-            for (int r = 0; r < rounds; r++)
-                for (size_t j = 0; j < chosen.size(); j++) {
-                    const size_t i = (j + size_t(r)) % chosen.size();
-                    if (!(*chosen[i])["results"].contains(s.key())) continue;  // does not run there
-                    ng_plan *plan = make_plan(candidate((*chosen[i])["knobs"]).runtime(), w, task_);
-                    times[i].push_back(w.time(plan, o_.reps));
-                    ng_plan_destroy(plan);
-                }
-            for (size_t i = 0; i < chosen.size(); i++) {
-                if (times[i].empty()) continue;
-                auto med = [&](double Workload::Timing::*field) {
-                    std::vector<double> v;
-                    for (const auto &t : times[i]) v.push_back(t.*field);
-                    std::sort(v.begin(), v.end());
-                    return v[v.size() / 2];
-                };
-                json &c = (*chosen[i])["confirmed"];
-                c[s.key()] = {{"frac_cold", med(&Workload::Timing::frac_cold)},
-                              {"frac_warm", med(&Workload::Timing::frac_warm)},
-                              {"ms_cold", med(&Workload::Timing::ms_cold)},
-                              {"ms_warm", med(&Workload::Timing::ms_warm)},
-                              {"gbps_cold", med(&Workload::Timing::gbps_cold)},
-                              {"rounds", rounds}};
-            }
+            confirm_on(chosen, s, rounds);
             std::fprintf(stderr, "[%s] confirmed on %s\n", task_.key().c_str(), s.text().c_str());
         }
         // Unconfirmed winners lose their place (usable_trials); the new ones were winners
@@ -339,18 +164,161 @@ public:
         save();
     }
 
+    // The build ships an exact kernel for each tuned shape, and it is not the generic kernel the
+    // search timed: extents fixed at generation change the loops (measured: 1.4x slower on
+    // channels-last inference 32x512x7x7 with the same knobs), and some knobs apply to exact
+    // kernels only (flat_block_rows). So for each shape, the candidates for its exact entry are
+    // built as exact kernels, checked against the reference on the shape, and timed in
+    // interleaved rounds; the exact entry is chosen from these timings. The candidates: the
+    // shape's entry now (hand-set, an earlier refinement or the search's winner), the
+    // `per_shape` best generic trials on the shape, the exact trials of earlier runs, and for
+    // the contiguous layout each of them with flat rows (batch_outer, flat_block_rows) at a
+    // few channel block sizes.
+    void refine_exact(int rounds, int per_shape) {
+        derive_entries(doc_);
+        for (const Shape &s : shapes_) {
+            const std::string key = s.key();
+            std::vector<json> variants;
+            auto add = [&](const json &k) {
+                if (std::find(variants.begin(), variants.end(), k) == variants.end())
+                    variants.push_back(k);
+            };
+            json current;
+            for (const auto &e : doc_["entries"])
+                if (e["family"] == task_.family && e["layout"] == task_.layout &&
+                    e["dtype"] == "f32" && e["shape"] == key)
+                    current = e["knobs"];
+            if (!current.is_null()) add(current);
+            const auto ranked = ranked_trials(state()["trials"], {key}, EntryKind::Exact);
+            for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
+                add((*ranked[i].trial)["knobs"]);
+            for (const auto &t : state()["trials"])
+                if (t.value("exact", "") == key && !t.contains("rejected")) add(t["knobs"]);
+            if (task_.layout == "contig")
+                for (const json &v : std::vector<json>(variants))
+                    for (int block : {v.value("channels_per_task", 1), 16, 32}) {
+                        json k = v;
+                        k["batch_outer"] = true;
+                        k["flat_block_rows"] = true;
+                        k["channels_per_task"] = block;
+                        add(k);
+                    }
+            for (const json &k : variants)
+                if (!find_trial(k, key)) evaluate_exact(k, s, k == current);
+            // Pointers into the trials once no more are added.
+            std::vector<json *> timed;
+            for (const json &k : variants) {
+                json *t = find_trial(k, key);
+                if (!t->contains("rejected")) timed.push_back(t);
+            }
+            std::fprintf(stderr, "[%s] %s: timing %zu exact kernels, %d interleaved rounds\n",
+                         task_.key().c_str(), s.text().c_str(), timed.size(), rounds);
+            confirm_on(timed, s, rounds, &s);
+            const Winner best = best_over(state()["trials"], {key}, EntryKind::Exact, key);
+            if (best.trial)
+                std::fprintf(stderr, "[%s] %s: best exact kernel %.3f of %s: %s\n",
+                             task_.key().c_str(), s.text().c_str(), best.score,
+                             task_.backward() ? "read2_write1" : "copy",
+                             (*best.trial)["knobs"].dump().c_str());
+            // The shape's kernels are not needed again: free their packages.
+            for (auto it = built_.begin(); it != built_.end();)
+                it = it->first.size() > key.size() &&
+                             it->first.compare(it->first.size() - key.size(), key.size(), key) == 0
+                         ? built_.erase(it)
+                         : std::next(it);
+            save();
+        }
+    }
+
 private:
+    // Times the trials on `shape` in `rounds` interleaved rounds, each timing every trial once in
+    // rotated order, so that all of them see the same moments of this machine's drifting
+    // bandwidth; the medians become each trial's "confirmed" result there. `exact`: the trials
+    // are exact kernels of that shape.
+    void confirm_on(const std::vector<json *> &trials, const Shape &shape, int rounds,
+                    const Shape *exact = nullptr) {
+        Workload &w = workload(shape);
+        std::vector<std::vector<Workload::Timing>> times(trials.size());
+        for (int r = 0; r < rounds; r++)
+            for (size_t j = 0; j < trials.size(); j++) {
+                const size_t i = (j + size_t(r)) % trials.size();
+                if (!(*trials[i])["results"].contains(shape.key())) continue;  // does not run there
+                ng_plan *plan = make_plan(candidate((*trials[i])["knobs"], exact).runtime(), w, task_);
+                times[i].push_back(w.time(plan, o_.reps));
+                ng_plan_destroy(plan);
+            }
+        for (size_t i = 0; i < trials.size(); i++) {
+            if (times[i].empty()) continue;
+            auto med = [&](double Workload::Timing::*field) {
+                std::vector<double> v;
+                for (const auto &t : times[i]) v.push_back(t.*field);
+                std::sort(v.begin(), v.end());
+                return v[v.size() / 2];
+            };
+            (*trials[i])["confirmed"][shape.key()] = {
+                {"frac_cold", med(&Workload::Timing::frac_cold)},
+                {"frac_warm", med(&Workload::Timing::frac_warm)},
+                {"ms_cold", med(&Workload::Timing::ms_cold)},
+                {"ms_warm", med(&Workload::Timing::ms_warm)},
+                {"gbps_cold", med(&Workload::Timing::gbps_cold)},
+                {"rounds", rounds}};
+        }
+    }
+
+    static json timing_json(const Workload::Timing &t) {
+        return {{"frac_cold", t.frac_cold}, {"frac_warm", t.frac_warm}, {"ms_cold", t.ms_cold},
+                {"ms_warm", t.ms_warm},     {"gbps_cold", t.gbps_cold}, {"reps", t.reps},
+                {"disturbed", t.disturbed}};
+    }
+
+    // Builds the exact kernel of `knobs` for `shape`, checks it against the reference there
+    // (the only shape it runs), and records it as an exact trial with one timing.
+    void evaluate_exact(const json &knobs, const Shape &shape, bool baseline) {
+        json trial = {{"knobs", knobs},
+                      {"exact", shape.key()},
+                      {"machine", doc_["tuning"]["machine"]},
+                      {"baseline", baseline}};
+        try {
+            Candidate &cand = candidate(knobs, &shape);
+            Workload check(task_, shape, 23);
+            ng_plan *plan = make_plan(cand.runtime(), check, task_);
+            check.run(plan);
+            ng_plan_destroy(plan);
+            const std::string why = check.compare_with_reference(cand.knobs().float32_stat_rows);
+            if (!why.empty()) {
+                trial["rejected"] = "reference check on " + shape.text() + ": " + why;
+            } else {
+                Workload &w = workload(shape);
+                plan = make_plan(cand.runtime(), w, task_);
+                const auto t = w.time(plan, o_.reps);
+                ng_plan_destroy(plan);
+                trial["check"] = "passed";
+                trial["verified"] = json::array({shape.key()});
+                trial["results"] = {{shape.key(), timing_json(t)}};
+            }
+        } catch (const std::exception &e) {
+            trial["rejected"] = std::string("build or run failed: ") + e.what();
+        }
+        if (trial.contains("rejected"))
+            std::fprintf(stderr, "[%s] rejected exact %s %s: %s\n", task_.key().c_str(),
+                         shape.text().c_str(), knobs.dump().c_str(),
+                         trial["rejected"].get<std::string>().c_str());
+        state()["trials"].push_back(trial);
+    }
+
     json &state() { return doc_["tuning"]["tasks"][task_.key()]; }
     void save() {
         derive_entries(doc_);
         write_json(o_.output, doc_);
     }
 
-    bool tried(const json &knobs) {
-        for (const auto &t : state()["trials"])
-            if (t["knobs"] == knobs) return true;
-        return false;
+    // Whether a generic trial (or with `exact`, an exact trial of that shape) has these knobs.
+    json *find_trial(const json &knobs, const std::string &exact = "") {
+        for (auto &t : state()["trials"])
+            if (t["knobs"] == knobs && t.value("exact", "") == exact) return &t;
+        return nullptr;
     }
+    bool tried(const json &knobs) { return find_trial(knobs) != nullptr; }
 
     json random_knobs() {
         json k = json::object();
@@ -385,8 +353,14 @@ private:
         if (!tried(state()["baseline_knobs"])) return state()["baseline_knobs"];
         std::vector<json> winners;
         for (const auto &e : doc_["entries"])
-            if (e["family"] == task_.family && e["layout"] == task_.layout && e["dtype"] == "f32")
-                winners.push_back(e["knobs"]);
+            if (e["family"] == task_.family && e["layout"] == task_.layout &&
+                e["dtype"] == "f32") {
+                // Exact entries may carry knobs generic kernels ignore (flat_block_rows).
+                json k = json::object();
+                for (const auto &c : space_)
+                    if (e["knobs"].contains(c.name)) k[c.name] = e["knobs"][c.name];
+                winners.push_back(k);
+            }
         for (int attempt = 0; attempt < 200; attempt++) {
             json k = (attempt % 2 == 0 && !winners.empty())
                          ? neighbour(winners[std::uniform_int_distribution<size_t>(
@@ -411,13 +385,14 @@ private:
         return std::nullopt;
     }
 
-    Candidate &candidate(const json &knobs) {
-        const std::string key = knobs.dump();
+    // The generic kernel of these knobs, or with `exact` the exact kernel of that shape.
+    Candidate &candidate(const json &knobs, const Shape *exact = nullptr) {
+        const std::string key = knobs.dump() + (exact ? " " + exact->key() : "");
         auto it = built_.find(key);
         if (it == built_.end())
             it = built_
                      .emplace(key, Candidate::build(o_.tools, task_, target_,
-                                                    parse_cpu_knobs(knobs, "candidate")))
+                                                    parse_cpu_knobs(knobs, "candidate"), {}, exact))
                      .first;
         return *it->second;
     }
@@ -439,10 +414,7 @@ private:
                     ng_plan *plan = make_plan(cand.runtime(), w, task_);
                     const auto t = w.time(plan, o_.reps);
                     ng_plan_destroy(plan);
-                    results[s.key()] = {{"frac_cold", t.frac_cold}, {"frac_warm", t.frac_warm},
-                                        {"ms_cold", t.ms_cold},     {"ms_warm", t.ms_warm},
-                                        {"gbps_cold", t.gbps_cold}, {"reps", t.reps},
-                                        {"disturbed", t.disturbed}};
+                    results[s.key()] = timing_json(t);
                 }
                 trial["check"] = "passed";
                 trial["results"] = results;
@@ -474,7 +446,8 @@ private:
                     e["measured"].value("verified_on_shape", true))
                     continue;
                 for (auto &t : state()["trials"]) {
-                    if (t["knobs"] != e["knobs"] || t.contains("rejected")) continue;
+                    if (t["knobs"] != e["knobs"] || t.contains("exact") || t.contains("rejected"))
+                        continue;
                     if (!t.contains("verified")) t["verified"] = json::array();
                     for (const Shape &s : shapes_) {
                         if (std::count(t["verified"].begin(), t["verified"].end(), s.key()) ||
@@ -563,10 +536,13 @@ int merge(int argc, char **argv) {
             if (!mine.contains("trials"))
                 mine = state;
             else {
-                // Union of the trials; a knob set tried in both keeps the first file's record.
+                // Union of the trials; a knob set tried in both (as a generic kernel, or as the
+                // exact kernel of the same shape) keeps the first file's record.
                 for (const auto &t : state["trials"]) {
                     bool seen = false;
-                    for (const auto &m : mine["trials"]) seen = seen || m["knobs"] == t["knobs"];
+                    for (const auto &m : mine["trials"])
+                        seen = seen || (m["knobs"] == t["knobs"] &&
+                                        m.value("exact", "") == t.value("exact", ""));
                     if (!seen) mine["trials"].push_back(t);
                 }
                 mine["seconds"] = mine.value("seconds", 0.0) + state.value("seconds", 0.0);
@@ -604,6 +580,12 @@ int run_tune(int argc, char **argv) {
             o.confirm_rounds = std::stoi(value(i));
         else if (a == "--confirm-only")
             o.confirm_only = true;
+        else if (a == "--exact-rounds")
+            o.exact_rounds = std::stoi(value(i));
+        else if (a == "--exact-candidates")
+            o.exact_candidates = std::stoi(value(i));
+        else if (a == "--exact-only")
+            o.exact_only = true;
         else if (a == "--seed")
             o.seed = unsigned(std::stoul(value(i)));
         else if (a == "-o")
@@ -678,8 +660,9 @@ int run_tune(int argc, char **argv) {
         // Time a task leaves unused (its space exhausted) goes to the tasks after it.
         const double share = left / double(mine.size() - i);
         TaskSearch search(o, mine[i], target, shapes, doc, rng);
-        if (!o.confirm_only) left -= search.run(share);
-        if (o.confirm_rounds > 0) search.confirm(o.confirm_rounds);
+        if (!o.confirm_only && !o.exact_only) left -= search.run(share);
+        if (o.confirm_rounds > 0 && !o.exact_only) search.confirm(o.confirm_rounds);
+        if (o.exact_rounds > 0) search.refine_exact(o.exact_rounds, o.exact_candidates);
     }
     doc["tuning"]["runs"].back()["finished"] = utc_now();
     std::error_code ec;
