@@ -7,6 +7,7 @@
 #include "../schedules/cuda_knobs.h"
 
 #include <functional>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -168,6 +169,13 @@ protected:
         if (choice_.cuda || layout != Layout::Contiguous || !choice_.cpu.batch_outer ||
             parse_fixed_shape(shape).generic())
             choice_.cpu.flat_block_rows = false;
+        // Whole blocks only: Halide 14 drops the guard of a partial flat block (a block of 16
+        // channels after two of 32 wrote a 32-channel run: past its row, into the next row or
+        // the buffer's end; likewise a block wider than C). So the block is the largest
+        // divisor of C that divides channels_per_task.
+        if (choice_.cpu.flat_block_rows)
+            choice_.cpu.channels_per_task =
+                int(std::gcd(int64_t(choice_.cpu.channels_per_task), parse_fixed_shape(shape).c));
         unmasks_loads_ = masks_loads && !choice_.cuda &&
                          this->get_target().has_feature(Halide::Target::AVX512);
         if (prefetches_next_channel_ || unmasks_loads_)

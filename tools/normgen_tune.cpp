@@ -243,7 +243,8 @@ private:
             for (size_t j = 0; j < trials.size(); j++) {
                 const size_t i = (j + size_t(r)) % trials.size();
                 if (!(*trials[i])["results"].contains(shape.key())) continue;  // does not run there
-                ng_plan *plan = make_plan(candidate((*trials[i])["knobs"], exact).runtime(), w, task_);
+                ng_plan *plan =
+                    make_plan(candidate((*trials[i])["knobs"], exact).runtime(), w, task_);
                 times[i].push_back(w.time(plan, o_.reps));
                 ng_plan_destroy(plan);
             }
@@ -353,8 +354,7 @@ private:
         if (!tried(state()["baseline_knobs"])) return state()["baseline_knobs"];
         std::vector<json> winners;
         for (const auto &e : doc_["entries"])
-            if (e["family"] == task_.family && e["layout"] == task_.layout &&
-                e["dtype"] == "f32") {
+            if (e["family"] == task_.family && e["layout"] == task_.layout && e["dtype"] == "f32") {
                 // Exact entries may carry knobs generic kernels ignore (flat_block_rows).
                 json k = json::object();
                 for (const auto &c : space_)
@@ -403,7 +403,8 @@ private:
                       {"baseline", knobs == state()["baseline_knobs"]}};
         try {
             Candidate &cand = candidate(knobs);
-            const std::string why = check_candidate(cand, task_, check_shapes(cand.knobs().streaming_stores));
+            const std::string why =
+                check_candidate(cand, task_, check_shapes(cand.knobs().streaming_stores));
             if (!why.empty()) {
                 trial["rejected"] = "reference check: " + why;
             } else {
@@ -624,7 +625,8 @@ int run_tune(int argc, char **argv) {
         "half-open), which wins over the family's generic entry. Entries with 'measured' were "
         "written by `normgen tune` from the trials under 'tuning' (fraction_of_reference: the "
         "geometric mean over the entry's shapes of t_reference / t_kernel, cold caches, median of "
-        "repetitions); entries with measured=null are hand-set.";
+        "repetitions; kernel: whether the shape's exact kernel or a generic kernel was timed); "
+        "entries with measured=null or measured.hand_set are hand-set.";
     if (!doc.contains("tuning")) doc["tuning"] = {{"tasks", json::object()}};
     doc["tuning"]["machine"] = {
         {"cpu", cpu_model()},

@@ -329,6 +329,11 @@ std::string compare(const char *what, const float *got, const std::vector<double
     return "";
 }
 
+// Behind the output: a guard region holding a sentinel, so that a kernel writing past its
+// output's end is caught by the check (before it corrupts the heap further on).
+constexpr int64_t kMisalignRoom = 16, kGuardFloats = 1024;
+constexpr float kGuardSentinel = -12345.678f;
+
 }  // namespace
 
 Workload::Workload(const Task &task, const Shape &shape, uint64_t seed)
@@ -336,8 +341,9 @@ Workload::Workload(const Task &task, const Shape &shape, uint64_t seed)
     const int64_t n = shape.elements();
     const size_t C = static_cast<size_t>(shape.c);
     x_ = alloc_tensor(n);
-    out_base_ = alloc_tensor(n + 16);  // room for misalign_output()
+    out_base_ = alloc_tensor(n + kMisalignRoom + kGuardFloats);
     out_ = out_base_;
+    std::fill(out_ + n, out_base_ + n + kMisalignRoom + kGuardFloats, kGuardSentinel);
     // Channels get distinct offsets so a channel mix-up cannot pass the check.
     fill(x_, n, seed, -1.0, 1.0);
     const ref::View v = view_of(task, shape);
@@ -382,6 +388,8 @@ Workload::~Workload() {
 void Workload::misalign_output() {
     out_ = out_base_ + 1;
     std::fill(out_, out_ + shape_.elements(), 0.0f);
+    std::fill(out_ + shape_.elements(),
+              out_base_ + shape_.elements() + kMisalignRoom + kGuardFloats, kGuardSentinel);
 }
 
 ng_tensor Workload::tensor() const {
@@ -431,6 +439,11 @@ void Workload::run(ng_plan *plan) {
 std::string Workload::compare_with_reference(int float32_stat_rows) const {
     constexpr double kTol = 1e-5;  // fp32 results of float64 sums: errors measured ~1e-7
     const ref::View v = view_of(task_, shape_);
+    const int64_t n = shape_.elements();
+    for (const float *g = out_ + n; g < out_base_ + n + kMisalignRoom + kGuardFloats; g++)
+        if (*g != kGuardSentinel)
+            return std::string(task_.backward() ? "dx" : "y") + ": written past its end (element " +
+                   std::to_string(g - out_) + " of " + std::to_string(n) + ")";
     if (task_.backward()) {
         const auto want = ref::backward(v, x_, dy_, weight_.data(), nullptr, nullptr,
                                         given_mean_.data(), given_invstd_.data(), true, 1e-5);

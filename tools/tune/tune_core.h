@@ -113,6 +113,7 @@ public:
     // float32_stat_rows: the candidate's knob; with float32 row blocks the backward's sums
     // (dweight, dbias) may also err by their blocks' running error bound (reference.h), which
     // on large channels exceeds 1e-5 of a sum that cancels to nearly 0.
+    // A write past the output's end (into a guard region behind it) fails the check too.
     std::string compare_with_reference(int float32_stat_rows = 1) const;
 
     // Cold (every tensor flushed from the caches before each timed call) and warm medians, each

@@ -176,11 +176,11 @@ void derive_entries(json &doc) {
                 {"fraction_of_reference_warm", geomean(warm)},
                 {"time_ms", g.shapes.size() == 1 ? json(ms[0]) : json(nullptr)},
                 {"gb_per_s", geomean(gbps)},
-                {"verified_on_shape",
-                 std::all_of(g.shapes.begin(), g.shapes.end(),
-                             [&](const std::string &s) {
-                                 return std::count(verified.begin(), verified.end(), s) > 0;
-                             })},
+                {"verified_on_shape", std::all_of(g.shapes.begin(), g.shapes.end(),
+                                                  [&](const std::string &s) {
+                                                      return std::count(verified.begin(),
+                                                                        verified.end(), s) > 0;
+                                                  })},
                 {"machine", w.trial->value("machine", machine)}};
             if (base.size() == g.shapes.size()) {
                 measured["baseline_knobs"] = (*baseline)["knobs"];
