@@ -17,7 +17,7 @@
 // After the search, the baseline and the winners are re-timed in interleaved rounds
 // (--confirm-rounds) and winners are chosen again from those medians. Last, each shape's exact
 // entry is chosen among exact kernels, the kind the build ships for it (--exact-rounds; see
-// TaskSearch::refine_exact): about 10-20 s per candidate kernel to build and time.
+// TaskSearch::refine_exact): 9 min for the six tasks on the ResNet-50 file (280 kernels).
 #include <unistd.h>
 
 #include <algorithm>
