@@ -439,6 +439,12 @@ TEST(Tuner, ExactTrialsChooseOnlyTheirShapesEntry) {
                    {"shape", large},
                    {"knobs", hand_set_knobs},
                    {"measured", {{"hand_set", "test"}}}},
+                  {{"family", "bn_fwd_train"},  // a shape the trials never timed
+                   {"dtype", "f32"},
+                   {"layout", "contig"},
+                   {"shape", "n2_c3_s5"},
+                   {"knobs", hand_set_knobs},
+                   {"measured", {{"hand_set", "test"}}}},
                   {{"family", "bn_bwd_eval"},
                    {"dtype", "f32"},
                    {"layout", "contig"},
@@ -462,8 +468,10 @@ TEST(Tuner, ExactTrialsChooseOnlyTheirShapesEntry) {
     EXPECT_EQ(entry("bn_fwd_train", small)["knobs"], flat);
     EXPECT_EQ(entry("bn_fwd_train", small)["measured"]["kernel"], "exact");
     EXPECT_TRUE(entry("bn_fwd_train", small)["measured"]["verified_on_shape"].get<bool>());
-    // The hand-set entry stays; the untuned family's entry too.
+    // The hand-set entries stay (one of them for a shape no trial timed); the untuned family's
+    // entry too.
     EXPECT_EQ(entry("bn_fwd_train", large)["knobs"], hand_set_knobs);
+    EXPECT_EQ(entry("bn_fwd_train", "n2_c3_s5")["knobs"], hand_set_knobs);
     EXPECT_FALSE(entry("bn_bwd_eval", "generic").is_null());
     // Generic and class entries: generic trials only (geomean 0.693 beats 0.671).
     EXPECT_EQ(entry("bn_fwd_train", "generic")["knobs"], json({{"vectors", 2}}));
@@ -480,6 +488,7 @@ TEST(Tuner, ExactTrialsChooseOnlyTheirShapesEntry) {
     EXPECT_EQ(entry("bn_fwd_train", large)["measured"]["kernel"], "exact");
     EXPECT_DOUBLE_EQ(
         entry("bn_fwd_train", large)["measured"]["fraction_of_reference"].get<double>(), 0.7);
+    EXPECT_EQ(entry("bn_fwd_train", "n2_c3_s5")["knobs"], hand_set_knobs);
     // A rejected exact trial competes for nothing.
     json rejected = exact_trial(small, {{"vectors", 8}}, 2.0);
     rejected["rejected"] = "reference check";

@@ -143,8 +143,10 @@ void derive_entries(json &doc) {
             const bool exact_kernel = kind == EntryKind::Exact && has_exact_trials(trials, g.key);
             if (!exact_kernel && hand_set.count(key + "/" + g.key)) {
                 kept.push_back(hand_set[key + "/" + g.key]);
+                hand_set.erase(key + "/" + g.key);
                 continue;
             }
+            hand_set.erase(key + "/" + g.key);  // superseded by exact trials
             const std::string pool = exact_kernel ? g.key : "";
             const Winner w = best_over(trials, g.shapes, kind, pool);
             // The baseline of the pool: the knobs the build used before (generic trials) or the
@@ -195,6 +197,8 @@ void derive_entries(json &doc) {
                             {"measured", measured}});
         }
     }
+    // Hand-set entries for shapes no trial was timed on stay as they are.
+    for (auto &[k, e] : hand_set) kept.push_back(e);
     doc["entries"] = kept;
 }
 
