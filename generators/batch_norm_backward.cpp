@@ -123,6 +123,7 @@ public:
         p.out(p.view.output_args()) =
             p.view.flat_output(store(with_next_channel_loads(dx_value, p.view, stats_inputs)));
         *dx = p.out;
+        for (TensorInput *t : stats_inputs) p.statistics_inputs.push_back(*t);
         if (dz) {
             Func dz_func("dz");
             dz_func(p.view.output_args()) = p.view.flat_output(store(g));

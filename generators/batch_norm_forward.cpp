@@ -97,6 +97,7 @@ public:
             (*save_invstd)(c) = p.coeffs(c)[3];
             (*batch_var)(c) = p.coeffs(c)[4];
             p.channel_pre = {shift};
+            p.statistics_inputs = {*x};
             p.channel_outputs = {*save_mean, *save_invstd, *batch_var};
         } else {
             Expr scale = f64(weight(c)) / sqrt(f64((*running_var)(c)) + eps);

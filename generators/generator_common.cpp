@@ -95,6 +95,16 @@ void request_streaming_stores(const std::vector<std::string> &output_buffers) {
 
 const std::vector<std::string> &streaming_store_buffers() { return streaming_store_request(); }
 
+namespace {
+bool &l2_prefetch_request() {
+    static bool requested = false;
+    return requested;
+}
+}  // namespace
+
+void request_l2_prefetches(bool requested) { l2_prefetch_request() = requested; }
+bool l2_prefetches_requested() { return l2_prefetch_request(); }
+
 void schedule_channel_update(const std::vector<Func> &outputs, const Target &target) {
     for (Func f : outputs) {
         if (target.has_feature(Target::CUDA))

@@ -77,6 +77,12 @@ void schedule_for_target(NormPipeline &p, const ScheduleChoice &choice,
 // Halide has written the object (generators/generator_main.cpp). No names withdraw the request.
 void request_streaming_stores(const std::vector<std::string> &output_buffers);
 const std::vector<std::string> &streaming_store_buffers();
+// Prefetches (knob prefetch_next_block): Halide 14 emits every prefetch with locality 0 (x86
+// prefetchnta), whose line may leave the caches before it is read (measured slower than no
+// prefetch at all, for prefetch_next_channel); a generator asks for its prefetches to keep the
+// line in L2 (locality 2, prefetcht1), which the generator program rewrites in the LLVM IR.
+void request_l2_prefetches(bool requested = true);
+bool l2_prefetches_requested();
 // The row length (in elements) whose multiples keep every row of a streaming output 64-byte
 // aligned: what a kernel with streaming stores requires of its output's rows and host pointer.
 inline int streaming_row_elements(StorageType t) { return 64 / halide_type(t).bytes(); }
@@ -176,6 +182,15 @@ protected:
         if (choice_.cpu.flat_block_rows)
             choice_.cpu.channels_per_task =
                 int(std::gcd(int64_t(choice_.cpu.channels_per_task), parse_fixed_shape(shape).c));
+        // Likewise cleared where they do not apply: prefetch_next_block (flat rows, with
+        // statistics), blocks_per_task (batch_outer).
+        // Halide 14 drops the prefetch of a vector loop with a tail: a block's run must be whole
+        // vectors.
+        if (!choice_.cpu.flat_block_rows || !has_statistics ||
+            choice_.cpu.channels_per_task * parse_fixed_shape(shape).s % contiguous_sum_lanes())
+            choice_.cpu.prefetch_next_block = false;
+        if (choice_.cuda || layout != Layout::Contiguous || !choice_.cpu.batch_outer)
+            choice_.cpu.blocks_per_task = 1;
         unmasks_loads_ = masks_loads && !choice_.cuda &&
                          this->get_target().has_feature(Halide::Target::AVX512);
         if (prefetches_next_channel_ || unmasks_loads_)
@@ -421,6 +436,7 @@ protected:
             }
             request_streaming_stores(names);
         }
+        request_l2_prefetches(choice_.cpu.prefetch_next_block);
         schedule_for_target(p, choice_, this->get_target());
     }
 

@@ -59,16 +59,32 @@ std::pair<std::string, std::string> llc_cpu_and_features(const Halide::Target &t
     return {};
 }
 
+// The edits made to Halide's LLVM IR: stores marked per buffer, prefetches rewritten.
+struct IrEdits {
+    std::map<std::string, int> marked;
+    int l2_prefetches = 0;
+};
+
 // Marks the vector stores into each of `buffers` that are aligned to their width (up to 64
 // bytes) non-temporal. Halide names each store's TBAA type after its buffer, uniquified per run
-// ("y", "y$3", "y.1"...): a buffer's name is given without that suffix. Returns how many were
-// marked per buffer.
-std::map<std::string, int> mark_streaming_stores(const std::string &in_path,
-                                                 const std::string &out_path,
-                                                 const std::vector<std::string> &buffers) {
+// ("y", "y$3", "y.1"...): a buffer's name is given without that suffix. With l2_prefetches,
+// rewrites Halide's prefetches (locality 0, prefetchnta) to locality 2 (prefetcht1), which
+// keeps the line in the caches until it is read (see request_l2_prefetches).
+IrEdits edit_ir(const std::string &in_path, const std::string &out_path,
+                const std::vector<std::string> &buffers, bool l2_prefetches) {
     std::ifstream in(in_path);
     std::vector<std::string> lines;
     for (std::string l; std::getline(in, l);) lines.push_back(l);
+    IrEdits edits;
+    if (l2_prefetches) {
+        const std::regex prefetch(R"re(^(\s*(tail )?call void @llvm\.prefetch\.p0i8\(.*, i32 0, )i32 0(, i32 1\).*)$)re");
+        std::smatch pm;
+        for (auto &l : lines)
+            if (std::regex_match(l, pm, prefetch)) {
+                l = std::string(pm[1]) + "i32 2" + std::string(pm[3]);
+                edits.l2_prefetches++;
+            }
+    }
 
     const std::regex type_node(R"re(^!(\d+) = !\{!"([^"]*)", !(\d+), i64 \d+\}$)re");
     const std::regex access_tag(R"re(^!(\d+) = !\{!(\d+), !(\d+), i64 \d+\}$)re");
@@ -98,7 +114,7 @@ std::map<std::string, int> mark_streaming_stores(const std::string &in_path,
         }
         return "";
     };
-    std::map<std::string, int> marked;
+    std::map<std::string, int> &marked = edits.marked;
     for (const std::string &buffer : buffers) marked[buffer] = 0;
     const std::string nontemporal = ", !nontemporal !" + std::to_string(next_id);
     // Non-temporal stores are weakly ordered: a function that makes them drains them (sfence)
@@ -127,9 +143,9 @@ std::map<std::string, int> mark_streaming_stores(const std::string &in_path,
             out << "  call void @llvm.x86.sse.sfence()\n";
         out << l << "\n";
     }
-    out << "declare void @llvm.x86.sse.sfence()\n";
+    if (!streaming_functions.empty()) out << "declare void @llvm.x86.sse.sfence()\n";
     out << "!" << next_id << " = !{i32 1}\n";
-    return marked;
+    return edits;
 }
 
 int run(const std::vector<std::string> &argv) {
@@ -153,9 +169,10 @@ int generate(const std::vector<std::string> &args) {
 }
 
 // Replaces Halide's object for the kernel just generated with one whose stores into `buffers`
-// (its tensor outputs) are non-temporal. Returns 0 or prints why not and returns 1.
-int rebuild_with_streaming_stores(std::vector<std::string> args,
-                                  const std::vector<std::string> &buffers) {
+// (its tensor outputs) are non-temporal and, with l2_prefetches, whose prefetches keep their
+// line in L2. Returns 0 or prints why not and returns 1.
+int rebuild_with_ir_edits(std::vector<std::string> args, const std::vector<std::string> &buffers,
+                          bool l2_prefetches) {
     const std::string dir = arg_after(args, "-o"), name = arg_after(args, "-n").empty()
                                                            ? arg_after(args, "-f")
                                                            : arg_after(args, "-n");
@@ -163,9 +180,14 @@ int rebuild_with_streaming_stores(std::vector<std::string> args,
     if (emit.find("object") == std::string::npos) return 0;  // no object to replace
     const auto [cpu, features] = llc_cpu_and_features(Halide::Target(target_of(args)));
     auto fail = [&](const std::string &why) {
-        std::cerr << "normgen: " << name << ": streaming stores: " << why << "\n";
+        std::cerr << "normgen: " << name << ": LLVM IR edits: " << why << "\n";
         return 1;
     };
+    if (cpu.empty() && buffers.empty()) {  // prefetches elsewhere than x86: Halide's as they are
+        std::cerr << "normgen: " << name << ": prefetches left as Halide emits them ("
+                  << target_of(args) << ")\n";
+        return 0;
+    }
     if (cpu.empty()) return fail("no known llc CPU for target " + target_of(args));
     const fs::path tmp = fs::path(dir) / (name + ".streaming");
     fs::create_directories(tmp);
@@ -175,7 +197,8 @@ int rebuild_with_streaming_stores(std::vector<std::string> args,
     }
     if (generate(args) != 0) return fail("generating the LLVM IR failed");
     const std::string ll = (tmp / (name + ".ll")).string(), marked_ll = ll + ".marked.ll";
-    const std::map<std::string, int> marked = mark_streaming_stores(ll, marked_ll, buffers);
+    const IrEdits edits = edit_ir(ll, marked_ll, buffers, l2_prefetches);
+    const std::map<std::string, int> &marked = edits.marked;
     std::string summary;
     for (const auto &[buffer, count] : marked) {
         if (count == 0)
@@ -200,12 +223,22 @@ int rebuild_with_streaming_stores(std::vector<std::string> args,
             if (l.find("\tvmovnt") != std::string::npos || l.find("\tmovnt") != std::string::npos)
                 streaming_instructions++;
     }
-    if (streaming_instructions == 0)
+    if (!buffers.empty() && streaming_instructions == 0)
         return fail("LLVM kept none of the non-temporal marks (" + summary +
                     "; no movnt instruction in the assembly)");
     fs::remove_all(tmp);
-    std::fprintf(stderr, "normgen: %s: vector stores made non-temporal: %s (%d movnt instructions)\n",
-                 name.c_str(), summary.c_str(), streaming_instructions);
+    if (!buffers.empty())
+        std::fprintf(stderr,
+                     "normgen: %s: vector stores made non-temporal: %s (%d movnt instructions)\n",
+                     name.c_str(), summary.c_str(), streaming_instructions);
+    // Halide drops a prefetch it can prove lands outside the tensor (an exact shape of one
+    // block): then there is none.
+    if (l2_prefetches && edits.l2_prefetches > 0)
+        std::fprintf(stderr, "normgen: %s: prefetches kept in L2: %d\n", name.c_str(),
+                     edits.l2_prefetches);
+    else if (l2_prefetches)
+        std::fprintf(stderr, "normgen: %s: no prefetch left in the kernel to keep in L2\n",
+                     name.c_str());
     return 0;
 }
 
@@ -219,7 +252,9 @@ int main(int argc, char **argv) {
     std::vector<std::string> buffers;
     for (const std::string &requested : normgen::streaming_store_buffers())
         buffers.push_back(requested.substr(0, requested.find('$')));
-    if (buffers.empty()) return 0;
+    const bool l2_prefetches = normgen::l2_prefetches_requested();
+    if (buffers.empty() && !l2_prefetches) return 0;
     normgen::request_streaming_stores({});
-    return rebuild_with_streaming_stores(args, buffers);
+    normgen::request_l2_prefetches(false);
+    return rebuild_with_ir_edits(args, buffers, l2_prefetches);
 }

@@ -86,6 +86,9 @@ struct NormPipeline {
     // channels, to vectorize across channels (knob flat_block_rows). May be undefined.
     Halide::Func element_terms;
     Halide::Func out;                       // the tensor output (y or dx), in storage order
+    // The tensors the statistics read (x; x and dy): what the loop writing one block of channels
+    // prefetches of the next block (knob prefetch_next_block).
+    std::vector<Halide::OutputImageParam> statistics_inputs;
     std::vector<Halide::Func> tensor_outputs;   // further tensor outputs computed beside out (dz)
     std::vector<Halide::Func> channel_outputs;  // per-channel outputs (statistics, gradients)
 };

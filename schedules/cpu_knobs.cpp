@@ -13,6 +13,8 @@ std::string CpuKnobs::to_string() const {
        << " channels_per_task=" << channels_per_task << " batch_outer=" << batch_outer
        << " flat_block_rows=" << flat_block_rows
        << " prefetch_next_channel=" << prefetch_next_channel
+       << " prefetch_next_block=" << prefetch_next_block
+       << " blocks_per_task=" << blocks_per_task
        << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements
        << " streaming_stores=" << streaming_stores;
     return os.str();
@@ -25,6 +27,8 @@ nlohmann::json CpuKnobs::to_json() const {
             {"batch_outer", batch_outer},
             {"flat_block_rows", flat_block_rows},
             {"prefetch_next_channel", prefetch_next_channel},
+            {"prefetch_next_block", prefetch_next_block},
+            {"blocks_per_task", blocks_per_task},
             {"float32_stat_rows", float32_stat_rows},
             {"task_elements", task_elements},
             {"streaming_stores", streaming_stores}};
@@ -54,6 +58,11 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 k.flat_block_rows = value.get<bool>();
             } else if (name == "prefetch_next_channel") {
                 k.prefetch_next_channel = value.get<bool>();
+            } else if (name == "prefetch_next_block") {
+                k.prefetch_next_block = value.get<bool>();
+            } else if (name == "blocks_per_task") {
+                k.blocks_per_task = value.get<int>();
+                if (k.blocks_per_task < 1) throw bad(name, "must be >= 1");
             } else if (name == "float32_stat_rows") {
                 k.float32_stat_rows = value.get<int>();
                 if (k.float32_stat_rows < 1 || k.float32_stat_rows > 64)

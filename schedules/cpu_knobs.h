@@ -44,6 +44,21 @@ struct CpuKnobs {
     // ResNet shapes with slices up to 100 KiB and lost up to 0.1 on 400 KiB+ slices, where the
     // tuned entries turn it off.
     bool prefetch_next_channel = true;
+    // Contiguous layout with flat_block_rows, training (forward and backward): the loop writing
+    // block b's rows prefetches the same elements of the tensors the statistics read (x; x and
+    // dy) in block b + 1, one cache line per vector (Halide's prefetch directive, made to keep
+    // the line in L2: see generators/generator_main.cpp). Block b + 1's slice then streams in
+    // from DRAM while block b's output streams out, as in a copy, and its statistics read L2,
+    // instead of a read-only pass over DRAM followed by a write-only one (tuner, same rounds:
+    // backward 32x2048x7x7 0.75 -> 0.99 of the reference, forward 32x256x56x56 0.94 -> 1.03).
+    // Block b + 1 should be the same thread's next block: see blocks_per_task. Only where a
+    // block's run is whole vectors (Halide 14 drops the prefetch from a loop with a tail);
+    // ignored elsewhere.
+    bool prefetch_next_block = false;
+    // Contiguous layout with batch_outer: consecutive blocks of channels_per_task channels that
+    // one parallel task runs in order (1: every block is a task). With prefetch_next_block, a
+    // task's blocks after its first find their slice in L2; its first block is read from DRAM.
+    int blocks_per_task = 1;
     // Kernels with sums (forward training, backward): each block of this many rows is summed in
     // float32, then joins the channel's float64 sums (a row: contiguous, the S elements of one
     // n; channels-last, the C channels of one (n, s), whose blocks are summed one vector of

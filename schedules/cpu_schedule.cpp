@@ -39,9 +39,34 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         if (k.channels_per_task > 1 || batch_outer)
             f.split(c, c_block, c, k.channels_per_task, TailStrategy::GuardWithIf);
     };
+    // With batch_outer, blocks_per_task consecutive blocks make one parallel task (so that a
+    // task's next block is its own, for prefetch_next_block).
+    auto parallel_blocks = [&](Func f) {
+        if (batch_outer && k.blocks_per_task > 1) {
+            f.split(c_block, task, c_block, k.blocks_per_task, TailStrategy::GuardWithIf)
+                .parallel(task);
+        } else {
+            f.parallel(c_block);
+        }
+    };
     auto parallel_channels = [&](Func f) {
         split_channels(f);
-        f.parallel(k.channels_per_task > 1 || batch_outer ? c_block : c);
+        if (batch_outer)
+            parallel_blocks(f);
+        else
+            f.parallel(k.channels_per_task > 1 ? c_block : c);
+    };
+    // With flat rows, the loop writing a block's row (over its vectors, `at`) prefetches the
+    // same elements of the next block's statistics inputs, one block's run further along the
+    // row (see CpuKnobs::prefetch_next_block). The offset is in iterations of `at`: Halide 14
+    // ignores an offset given on an outer loop (c_block) when, as here, the index reaches the
+    // inner loop through lets. NonFaulting: the last block's prefetches past the tensor's end
+    // are harmless (a prefetch never faults).
+    auto prefetch_next_block = [&](Func f, const Var &at) {
+        if (!(statistics && k.prefetch_next_block)) return;
+        const int block_vectors = (k.channels_per_task * p.view.flat_spatial + lanes - 1) / lanes;
+        for (const OutputImageParam &in : p.statistics_inputs)
+            f.prefetch(in, at, at, block_vectors, PrefetchBoundStrategy::NonFaulting);
     };
     for (Func f : elementwise_outputs(p)) {
         if (flat) {
@@ -50,12 +75,14 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
             f.split(flat_index, c_block, flat_index, k.channels_per_task * p.view.flat_spatial,
                     TailStrategy::GuardWithIf);
             if (statistics) {
-                f.reorder(flat_index, c, n, c_block).parallel(c_block);
+                f.reorder(flat_index, c, n, c_block);
+                parallel_blocks(f);
             } else {
                 f.reorder(flat_index, c, c_block, n).fuse(c_block, n, task).parallel(task);
             }
             f.vectorize(flat_index, lanes, TailStrategy::GuardWithIf);
             if (f.name() != p.out.name()) f.compute_with(p.out, n);
+            if (f.name() == p.out.name()) prefetch_next_block(f, flat_index);
             continue;
         }
         if (!batch_outer) {
@@ -63,7 +90,8 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
             parallel_channels(f);
         } else if (statistics) {
             split_channels(f);
-            f.reorder(s, c, n, c_block).parallel(c_block);
+            f.reorder(s, c, n, c_block);
+            parallel_blocks(f);
         } else {
             split_channels(f);
             f.reorder(s, c, c_block, n).fuse(c_block, n, task).parallel(task);
@@ -133,8 +161,8 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
                 // compute_with needs out's loop names: its blocks split the flat dimension.
                 f.rename(c, p.view.flat)
                     .split(p.view.flat, c_block, p.view.flat, k.channels_per_task,
-                           TailStrategy::GuardWithIf)
-                    .parallel(c_block);
+                           TailStrategy::GuardWithIf);
+                parallel_blocks(f);
             } else {
                 parallel_channels(f);
             }

@@ -214,6 +214,51 @@ TEST(Tuner, FlatBlockRowsPassTheCheck) {
     EXPECT_EQ(check_candidate(*ignored, kFwdTrain, check_shapes()), "");
 }
 
+// prefetch_next_block: a flat kernel's output loop prefetches the next block's statistics
+// inputs (kept in L2: the generator program rewrites Halide's prefetchnta), and a task runs
+// blocks_per_task blocks in order. Prefetches and task grouping change no result: the kernel
+// writes what the same kernel without them writes, to the bit, and nothing past its output,
+// also where the blocks do not fill the last task (3 blocks in tasks of 2). Where a block's run
+// is not whole vectors (S = 49, one channel per block), the knob is dropped: Halide 14 would
+// drop the prefetch from the loop with a tail.
+TEST(Tuner, PrefetchNextBlockChangesNoResult) {
+    const IsaTarget isa = isa_target(best_host_isa());
+    const Shape shape = Shape::from_dims({5, 48, 7, 7});
+    for (const Task &task : {kFwdTrain, Task{"bn_bwd_train", "contig"}}) {
+        SCOPED_TRACE(task.key());
+        CpuKnobs flat;
+        flat.batch_outer = flat.flat_block_rows = flat.streaming_stores = true;
+        flat.channels_per_task = 16;
+        flat.float32_stat_rows = 2;
+        CpuKnobs prefetching = flat;
+        prefetching.prefetch_next_block = true;
+        prefetching.blocks_per_task = 2;
+        auto plain = Candidate::build(tools(), task, isa, flat, {}, &shape);
+        auto prefetched = Candidate::build(tools(), task, isa, prefetching, {}, &shape);
+        auto build_log = [](const Candidate &c) {
+            std::ifstream log(c.dir() + "/build.log");
+            return std::string((std::istreambuf_iterator<char>(log)), {});
+        };
+        EXPECT_NE(build_log(*prefetched).find("prefetches kept in L2"), std::string::npos)
+            << build_log(*prefetched);
+        Workload a(task, shape, 5), b(task, shape, 5);
+        for (auto [cand, w] : {std::pair{plain.get(), &a}, std::pair{prefetched.get(), &b}}) {
+            ng_plan *plan = make_plan(cand->runtime(), *w, task);
+            w->run(plan);
+            ng_plan_destroy(plan);
+        }
+        EXPECT_EQ(b.compare_with_reference(prefetching.float32_stat_rows), "");
+        EXPECT_EQ(std::memcmp(a.y_or_dx(), b.y_or_dx(), shape.elements() * sizeof(float)), 0);
+
+        CpuKnobs ragged = prefetching;
+        ragged.channels_per_task = 1;
+        auto dropped = Candidate::build(tools(), task, isa, ragged, {}, &shape);
+        EXPECT_EQ(build_log(*dropped).find("prefetches kept in L2"), std::string::npos);
+        EXPECT_NE(build_log(*dropped).find("prefetch_next_block=0"), std::string::npos)
+            << build_log(*dropped);
+    }
+}
+
 // A streaming kernel with a misaligned output: the plan runs the next-best kernel of its
 // package (here a plain generic one beside the streaming kernel, offered as a class covering
 // every shape), or, where the package has none, refuses the call by name.

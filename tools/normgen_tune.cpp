@@ -171,9 +171,10 @@ public:
     // built as exact kernels, checked against the reference on the shape, and timed in
     // interleaved rounds; the exact entry is chosen from these timings. The candidates: the
     // shape's entry now (hand-set, an earlier refinement or the search's winner), the
-    // `per_shape` best generic trials on the shape, the exact trials of earlier runs, and for
-    // the contiguous layout each of them with flat rows (batch_outer, flat_block_rows) at a
-    // few channel block sizes.
+    // `per_shape` best exact trials of earlier runs and best generic trials on the shape, and
+    // for the contiguous layout each of them with flat rows (batch_outer, flat_block_rows) at
+    // a few channel block sizes, the first two also prefetching the next block
+    // (prefetch_next_block) in training.
     void refine_exact(int rounds, int per_shape) {
         derive_entries(doc_);
         for (const Shape &s : shapes_) {
@@ -189,20 +190,38 @@ public:
                     e["dtype"] == "f32" && e["shape"] == key)
                     current = e["knobs"];
             if (!current.is_null()) add(current);
+            const auto earlier =
+                ranked_trials(state()["trials"], {key}, EntryKind::Exact, key);
+            for (size_t i = 0; i < earlier.size() && i < size_t(per_shape); i++)
+                add((*earlier[i].trial)["knobs"]);
             const auto ranked = ranked_trials(state()["trials"], {key}, EntryKind::Exact);
             for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
                 add((*ranked[i].trial)["knobs"]);
-            for (const auto &t : state()["trials"])
-                if (t.value("exact", "") == key && !t.contains("rejected")) add(t["knobs"]);
-            if (task_.layout == "contig")
-                for (const json &v : std::vector<json>(variants))
-                    for (int block : {v.value("channels_per_task", 1), 16, 32}) {
-                        json k = v;
+            if (task_.layout == "contig") {
+                // The first two (the entry now and the best earlier exact kernel) at one more
+                // block size, and with statistics, each flat variant of them also prefetching
+                // its next block, about 8 tasks in all (4 per thread here), with streaming stores.
+                const std::vector<json> base = variants;
+                for (size_t i = 0; i < base.size(); i++) {
+                    std::vector<int> blocks = {base[i].value("channels_per_task", 1), 16, 32};
+                    if (i < 2) blocks.push_back(8);
+                    for (int block : blocks) {
+                        json k = base[i];
                         k["batch_outer"] = true;
                         k["flat_block_rows"] = true;
                         k["channels_per_task"] = block;
+                        k.erase("prefetch_next_block");
+                        k.erase("blocks_per_task");
+                        add(k);
+                        if (i >= 2 || !task_.training() || block * s.s % 16 != 0) continue;
+                        // As in a copy: the output streams out while the next block streams in.
+                        k["prefetch_next_block"] = true;
+                        k["blocks_per_task"] = int(std::max<int64_t>(1, s.c / block / 8));
+                        k["streaming_stores"] = true;
                         add(k);
                     }
+                }
+            }
             for (const json &k : variants)
                 if (!find_trial(k, key)) evaluate_exact(k, s, k == current);
             // Pointers into the trials once no more are added.
@@ -214,6 +233,13 @@ public:
             std::fprintf(stderr, "[%s] %s: timing %zu exact kernels, %d interleaved rounds\n",
                          task_.key().c_str(), s.text().c_str(), timed.size(), rounds);
             confirm_on(timed, s, rounds, &s);
+            // Exact trials of earlier runs not timed again keep no confirmation: a median from
+            // another run (another moment of this machine's bandwidth) does not compete with
+            // this run's.
+            for (auto &t : state()["trials"])
+                if (t.value("exact", "") == key &&
+                    std::find(timed.begin(), timed.end(), &t) == timed.end())
+                    t.erase("confirmed");
             const Winner best = best_over(state()["trials"], {key}, EntryKind::Exact, key);
             if (best.trial)
                 std::fprintf(stderr, "[%s] %s: best exact kernel %.3f of %s: %s\n",

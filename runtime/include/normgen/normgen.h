@@ -32,8 +32,10 @@ extern "C" {
 /* Version of the kernel ABI (argument names and order) a package must declare in its manifest.
    2: kernels may take `opaque_zero` (the prefetch_next_channel schedule knob).
    3: kernels may take `streaming_output` (the streaming_stores knob: the output is written with
-      non-temporal stores, so the kernel runs only on 64-byte aligned output rows). */
-#define NG_ABI_VERSION 3
+      non-temporal stores, so the kernel runs only on 64-byte aligned output rows).
+   4: kernels may take `flat_rows` (the flat_block_rows knob: contiguous tensors are passed as
+      (C*S, 1, N)). */
+#define NG_ABI_VERSION 4
 
 typedef enum {
     NG_OK = 0,
