@@ -213,10 +213,13 @@ public:
                         k.erase("prefetch_next_block");
                         k.erase("blocks_per_task");
                         add(k);
-                        if (i >= 2 || !task_.training() || block * s.s % 16 != 0) continue;
+                        // A task of one block would prefetch another task's block: at least 2.
+                        const int64_t per_task = s.c / block / 8;
+                        if (i >= 2 || !task_.training() || block * s.s % 16 != 0 || per_task < 2)
+                            continue;
                         // As in a copy: the output streams out while the next block streams in.
                         k["prefetch_next_block"] = true;
-                        k["blocks_per_task"] = int(std::max<int64_t>(1, s.c / block / 8));
+                        k["blocks_per_task"] = int(per_task);
                         k["streaming_stores"] = true;
                         add(k);
                     }
