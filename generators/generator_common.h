@@ -183,9 +183,8 @@ protected:
             choice_.cpu.channels_per_task =
                 int(std::gcd(int64_t(choice_.cpu.channels_per_task), parse_fixed_shape(shape).c));
         // Likewise cleared where they do not apply: prefetch_next_block (flat rows, with
-        // statistics), blocks_per_task (batch_outer).
-        // Halide 14 drops the prefetch of a vector loop with a tail: a block's run must be whole
-        // vectors.
+        // statistics, and a block's run of whole vectors: Halide 14 drops the prefetch from a
+        // vector loop with a tail), blocks_per_task (batch_outer).
         if (!choice_.cpu.flat_block_rows || !has_statistics ||
             choice_.cpu.channels_per_task * parse_fixed_shape(shape).s % contiguous_sum_lanes())
             choice_.cpu.prefetch_next_block = false;

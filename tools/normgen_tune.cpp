@@ -214,6 +214,8 @@ public:
                         k.erase("blocks_per_task");
                         add(k);
                         // A task of one block would prefetch another task's block: at least 2.
+                        // The block's run must be whole 64-byte lines (16 floats): the variant
+                        // streams its stores, and a prefetch needs whole vectors.
                         const int64_t per_task = s.c / block / 8;
                         if (i >= 2 || !task_.training() || block * s.s % 16 != 0 || per_task < 2)
                             continue;
