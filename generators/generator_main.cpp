@@ -143,8 +143,10 @@ IrEdits edit_ir(const std::string &in_path, const std::string &out_path,
             out << "  call void @llvm.x86.sse.sfence()\n";
         out << l << "\n";
     }
-    if (!streaming_functions.empty()) out << "declare void @llvm.x86.sse.sfence()\n";
-    out << "!" << next_id << " = !{i32 1}\n";
+    if (!streaming_functions.empty()) {
+        out << "declare void @llvm.x86.sse.sfence()\n";
+        out << "!" << next_id << " = !{i32 1}\n";  // the !nontemporal node the stores name
+    }
     return edits;
 }
 

@@ -4,6 +4,7 @@
 
 #include <sstream>
 #include <stdexcept>
+#include <string>
 
 namespace normgen {
 
@@ -15,7 +16,8 @@ std::string CpuKnobs::to_string() const {
        << " prefetch_next_channel=" << prefetch_next_channel
        << " prefetch_next_block=" << prefetch_next_block
        << " blocks_per_task=" << blocks_per_task
-       << " float32_stat_rows=" << float32_stat_rows << " task_elements=" << task_elements
+       << " float32_stat_rows=" << float32_stat_rows
+       << " sequential_stat_rows=" << sequential_stat_rows << " task_elements=" << task_elements
        << " streaming_stores=" << streaming_stores;
     return os.str();
 }
@@ -30,6 +32,7 @@ nlohmann::json CpuKnobs::to_json() const {
             {"prefetch_next_block", prefetch_next_block},
             {"blocks_per_task", blocks_per_task},
             {"float32_stat_rows", float32_stat_rows},
+            {"sequential_stat_rows", sequential_stat_rows},
             {"task_elements", task_elements},
             {"streaming_stores", streaming_stores}};
 }
@@ -65,8 +68,10 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 if (k.blocks_per_task < 1) throw bad(name, "must be >= 1");
             } else if (name == "float32_stat_rows") {
                 k.float32_stat_rows = value.get<int>();
-                if (k.float32_stat_rows < 1 || k.float32_stat_rows > 64)
-                    throw bad(name, "must be in 1..64");
+                if (k.float32_stat_rows < 1 || k.float32_stat_rows > kMaxFloat32StatRows)
+                    throw bad(name, "must be in 1.." + std::to_string(kMaxFloat32StatRows));
+            } else if (name == "sequential_stat_rows") {
+                k.sequential_stat_rows = value.get<bool>();
             } else if (name == "streaming_stores") {
                 k.streaming_stores = value.get<bool>();
             } else if (name == "task_elements") {

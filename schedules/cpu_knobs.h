@@ -8,6 +8,9 @@
 
 namespace normgen {
 
+// The largest block of rows CpuKnobs::float32_stat_rows may sum in float32.
+constexpr int kMaxFloat32StatRows = 64;
+
 struct CpuKnobs {
     // Vector lanes = the target's natural f32 width * vectors (1: one register per step).
     int vectors = 1;
@@ -73,6 +76,12 @@ struct CpuKnobs {
     // The forward's variance terms are taken about each block's first row (not the channel's
     // first element), so that a block far from that element loses no precision.
     int float32_stat_rows = 1;
+    // Channels-last with float32_stat_rows > 1: a block's float32 sums are taken row by row,
+    // each row's C channels in turn (one sequential stream; the block's 2 C sums stay in L1),
+    // instead of one vector of channels at a time down the block's rows (in registers, but
+    // float32_stat_rows streams at a stride of C elements, more than the hardware prefetcher
+    // follows). Ignored elsewhere.
+    bool sequential_stat_rows = false;
     // Channels-last: elements per parallel task (rounded to whole rows of C elements), in the
     // reduction and the elementwise loops. Sized in elements, not rows, so that wide and narrow
     // tensors both split into enough tasks for every thread.

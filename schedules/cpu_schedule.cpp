@@ -209,12 +209,16 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
             .vectorize(c, lanes, TailStrategy::GuardWithIf)
             .parallel(u);
         if (p.row_blocks.defined()) {
-            // A block's float32 sums, one vector of channels at a time down the block's rows
-            // (in registers; the block's rows are R streams at a stride of C elements), then
-            // widened into partial.
+            // A block's float32 sums, then widened into partial: one vector of channels at a
+            // time down the block's rows (in registers; the block's rows are R streams at a
+            // stride of C elements), or with sequential_stat_rows row by row (the sums in L1).
             const RVar row_in_block = p.row_blocks.rvars(0)[0];
             p.row_blocks.compute_at(partial, in_block).vectorize(c, lanes, TailStrategy::GuardWithIf);
-            p.row_blocks.update().reorder(row_in_block, c);
+            if (k.sequential_stat_rows) {
+                p.row_blocks.update().reorder(c, row_in_block);
+            } else {
+                p.row_blocks.update().reorder(row_in_block, c);
+            }
             p.row_blocks.update().vectorize(c, lanes, TailStrategy::GuardWithIf);
         }
         p.sums.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);

@@ -259,6 +259,38 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
     }
 }
 
+// Channels-last float32 row blocks summed row by row (sequential_stat_rows) pass the reference
+// check (the guard region behind the outputs included), here with blocks of 4 rows over 245 rows
+// (the last block partial), 40 channels (a masked vector tail) and tasks of 24 rows (6 blocks).
+// (Not to the bit of the kernel summing down the block: LLVM may reassociate the unrolled rows.)
+TEST(Tuner, SequentialStatRowsPassTheCheck) {
+    const IsaTarget isa = isa_target(best_host_isa());
+    const Shape shape = Shape::from_dims({5, 40, 7, 7});
+    auto build_log = [](const Candidate &c) {
+        std::ifstream log(c.dir() + "/build.log");
+        return std::string((std::istreambuf_iterator<char>(log)), {});
+    };
+    CpuKnobs row_by_row;
+    row_by_row.float32_stat_rows = 4;
+    row_by_row.task_elements = 40 * 24;
+    row_by_row.sequential_stat_rows = true;
+    for (const Task &task : {Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "cl"}}) {
+        SCOPED_TRACE(task.key());
+        auto kernel = Candidate::build(tools(), task, isa, row_by_row, {}, &shape);
+        EXPECT_NE(build_log(*kernel).find("sequential_stat_rows=1"), std::string::npos)
+            << build_log(*kernel);
+        Workload w(task, shape, 5);
+        ng_plan *plan = make_plan(kernel->runtime(), w, task);
+        w.run(plan);
+        ng_plan_destroy(plan);
+        EXPECT_EQ(w.compare_with_reference(row_by_row.float32_stat_rows), "");
+    }
+    // Elsewhere the generator drops it, and says so in its log.
+    auto dropped = Candidate::build(tools(), kFwdTrain, isa, row_by_row, {}, &shape);
+    EXPECT_NE(build_log(*dropped).find("sequential_stat_rows=0"), std::string::npos)
+        << build_log(*dropped);
+}
+
 // A streaming kernel with a misaligned output: the plan runs the next-best kernel of its
 // package (here a plain generic one beside the streaming kernel, offered as a class covering
 // every shape), or, where the package has none, refuses the call by name.

@@ -6,7 +6,7 @@
 // (cold and warm) and its milliseconds.
 //
 //   normgen-compare --task bn_fwd_train/contig --shape 32x1024x14x14 [--isa avx512]
-//                   [--rounds 5] [--reps 11] [--generic] '{"batch_outer":true,...}' '{...}'
+//                   [--rounds 5] [--reps 11] [--generic] [--keep] '{"batch_outer":true,...}' '{...}'
 #include "tune/tune_core.h"
 
 #include <algorithm>
@@ -26,7 +26,7 @@ namespace {
 int usage() {
     std::fprintf(stderr,
                  "usage: normgen-compare --task FAMILY/LAYOUT --shape NxCxHxW [--isa ISA]\n"
-                 "                       [--rounds R] [--reps K] [--generic] [--work-dir DIR]\n"
+                 "                       [--rounds R] [--reps K] [--generic] [--work-dir DIR] [--keep]\n"
                  "                       KNOBS_JSON...\n");
     return 2;
 }
@@ -39,7 +39,7 @@ double median(std::vector<double> v) {
 int compare(int argc, char **argv) {
     std::string task_key, shape_text, isa = best_host_isa(), work_dir = "build-compare";
     int rounds = 5, reps = 11;
-    bool generic = false;
+    bool generic = false, keep = false;
     std::vector<json> knob_sets;
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
@@ -57,6 +57,8 @@ int compare(int argc, char **argv) {
             rounds = std::stoi(value());
         else if (a == "--reps")
             reps = std::stoi(value());
+        else if (a == "--keep")
+            keep = true;
         else if (a == "--generic")
             generic = true;
         else if (a == "--work-dir")
@@ -81,7 +83,7 @@ int compare(int argc, char **argv) {
     }
     const Shape shape = Shape::from_dims(dims);
     const IsaTarget target = isa_target(isa);
-    const BuildTools tools{NORMGEN_GENERATOR_EXE, NORMGEN_CXX, work_dir};
+    const BuildTools tools{NORMGEN_GENERATOR_EXE, NORMGEN_CXX, work_dir, keep};
 
     std::vector<std::unique_ptr<Candidate>> kernels;
     for (const json &k : knob_sets) {
@@ -94,7 +96,8 @@ int compare(int argc, char **argv) {
         ng_plan_destroy(plan);
         const std::string why = check.compare_with_reference(knobs.float32_stat_rows);
         if (!why.empty()) throw std::runtime_error(k.dump() + ": reference check: " + why);
-        std::fprintf(stderr, "built and checked %zu: %s\n", kernels.size(), k.dump().c_str());
+        std::fprintf(stderr, "built and checked %zu in %s: %s\n", kernels.size(),
+                     kernels.back()->dir().c_str(), k.dump().c_str());
     }
     Workload w(*task, shape, 7);
     std::vector<std::vector<Workload::Timing>> times(kernels.size());

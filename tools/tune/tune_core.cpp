@@ -115,7 +115,10 @@ std::vector<KnobChoices> search_space(const Task &t) {
         KnobChoices task_elements{"task_elements", {}};
         for (int e = 4096; e <= (1 << 20); e *= 2) task_elements.values.push_back(e);
         space.push_back(task_elements);
-        if (t.training()) space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
+        if (t.training()) {
+            space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
+            space.push_back({"sequential_stat_rows", {false, true}});
+        }
     }
     return space;
 }
@@ -180,6 +183,7 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
     if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp in " + tools.work_dir + " failed");
     auto cand = std::unique_ptr<Candidate>(new Candidate());
     cand->dir_ = tmpl;
+    cand->keep_ = tools.keep;
     // The package's own name for a kernel of this variant.
     cand->name_ = task.family + "_f32_" + task.layout + "_" + target.isa +
                   (exact ? "_" + exact->key() : "");
@@ -255,6 +259,7 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
 
 Candidate::~Candidate() {
     ng_runtime_close(rt_);
+    if (keep_) return;
     std::error_code ec;
     fs::remove_all(dir_, ec);
 }

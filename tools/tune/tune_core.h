@@ -67,6 +67,7 @@ struct BuildTools {
     std::string generator_exe;  // normgen_generators
     std::string cxx;            // links the object into a shared library
     std::string work_dir;       // candidate packages go here
+    bool keep = false;          // leave each candidate's folder behind (to profile its kernel)
 };
 
 // A candidate kernel: a one-kernel package in its own folder, opened with the runtime.
@@ -92,6 +93,7 @@ private:
     ng_runtime *rt_ = nullptr;
     std::string dir_, name_;
     CpuKnobs knobs_;
+    bool keep_ = false;
 };
 
 // Buffers for one task on one shape: inputs filled with deterministic data, outputs.
