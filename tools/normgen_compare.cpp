@@ -6,7 +6,8 @@
 // (cold and warm) and its milliseconds.
 //
 //   normgen-compare --task bn_fwd_train/contig --shape 32x1024x14x14 [--isa avx512]
-//                   [--rounds 5] [--reps 11] [--generic] [--keep] '{"batch_outer":true,...}' '{...}'
+//                   [--rounds 5] [--reps 11] [--generic] [--keep]
+//                   '{"batch_outer":true,...}' '{...}'
 #include "tune/tune_core.h"
 
 #include <algorithm>
@@ -26,8 +27,8 @@ namespace {
 int usage() {
     std::fprintf(stderr,
                  "usage: normgen-compare --task FAMILY/LAYOUT --shape NxCxHxW [--isa ISA]\n"
-                 "                       [--rounds R] [--reps K] [--generic] [--work-dir DIR] [--keep]\n"
-                 "                       KNOBS_JSON...\n");
+                 "                       [--rounds R] [--reps K] [--generic] [--work-dir DIR]\n"
+                 "                       [--keep] KNOBS_JSON...\n");
     return 2;
 }
 
