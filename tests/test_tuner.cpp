@@ -186,8 +186,7 @@ TEST(Tuner, FlatBlockRowsPassTheCheck) {
             flat.flat_block_rows = flat.streaming_stores = true;
             auto plain = Candidate::build(tools(), task, isa, blocked, {}, &shape);
             auto flat_rows = Candidate::build(tools(), task, isa, flat, {}, &shape);
-            std::ifstream log(flat_rows->dir() + "/build.log");
-            const std::string built((std::istreambuf_iterator<char>(log)), {});
+            const std::string built = flat_rows->build_log();
             EXPECT_NE(built.find("made non-temporal"), std::string::npos)
                 << "the flat run's stores are not proven aligned: " << built;
             Workload a(task, shape, 11), b(task, shape, 11);
@@ -235,12 +234,8 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
         prefetching.blocks_per_task = 2;
         auto plain = Candidate::build(tools(), task, isa, flat, {}, &shape);
         auto prefetched = Candidate::build(tools(), task, isa, prefetching, {}, &shape);
-        auto build_log = [](const Candidate &c) {
-            std::ifstream log(c.dir() + "/build.log");
-            return std::string((std::istreambuf_iterator<char>(log)), {});
-        };
-        EXPECT_NE(build_log(*prefetched).find("prefetches kept in L2"), std::string::npos)
-            << build_log(*prefetched);
+        EXPECT_NE(prefetched->build_log().find("prefetches kept in L2"), std::string::npos)
+            << prefetched->build_log();
         Workload a(task, shape, 5), b(task, shape, 5);
         for (auto [cand, w] : {std::pair{plain.get(), &a}, std::pair{prefetched.get(), &b}}) {
             ng_plan *plan = make_plan(cand->runtime(), *w, task);
@@ -253,9 +248,9 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
         CpuKnobs ragged = prefetching;
         ragged.channels_per_task = 1;
         auto dropped = Candidate::build(tools(), task, isa, ragged, {}, &shape);
-        EXPECT_EQ(build_log(*dropped).find("prefetches kept in L2"), std::string::npos);
-        EXPECT_NE(build_log(*dropped).find("prefetch_next_block=0"), std::string::npos)
-            << build_log(*dropped);
+        EXPECT_EQ(dropped->build_log().find("prefetches kept in L2"), std::string::npos);
+        EXPECT_NE(dropped->build_log().find("prefetch_next_block=0"), std::string::npos)
+            << dropped->build_log();
     }
 }
 
@@ -266,10 +261,6 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
 TEST(Tuner, SequentialStatRowsPassTheCheck) {
     const IsaTarget isa = isa_target(best_host_isa());
     const Shape shape = Shape::from_dims({5, 40, 7, 7});
-    auto build_log = [](const Candidate &c) {
-        std::ifstream log(c.dir() + "/build.log");
-        return std::string((std::istreambuf_iterator<char>(log)), {});
-    };
     CpuKnobs row_by_row;
     row_by_row.float32_stat_rows = 4;
     row_by_row.task_elements = 40 * 24;
@@ -277,8 +268,8 @@ TEST(Tuner, SequentialStatRowsPassTheCheck) {
     for (const Task &task : {Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "cl"}}) {
         SCOPED_TRACE(task.key());
         auto kernel = Candidate::build(tools(), task, isa, row_by_row, {}, &shape);
-        EXPECT_NE(build_log(*kernel).find("sequential_stat_rows=1"), std::string::npos)
-            << build_log(*kernel);
+        EXPECT_NE(kernel->build_log().find("sequential_stat_rows=1"), std::string::npos)
+            << kernel->build_log();
         Workload w(task, shape, 5);
         ng_plan *plan = make_plan(kernel->runtime(), w, task);
         w.run(plan);
@@ -287,8 +278,8 @@ TEST(Tuner, SequentialStatRowsPassTheCheck) {
     }
     // Elsewhere the generator drops it, and says so in its log.
     auto dropped = Candidate::build(tools(), kFwdTrain, isa, row_by_row, {}, &shape);
-    EXPECT_NE(build_log(*dropped).find("sequential_stat_rows=0"), std::string::npos)
-        << build_log(*dropped);
+    EXPECT_NE(dropped->build_log().find("sequential_stat_rows=0"), std::string::npos)
+        << dropped->build_log();
 }
 
 // A streaming kernel with a misaligned output: the plan runs the next-best kernel of its
@@ -362,8 +353,7 @@ TEST(Tuner, StreamingStoresCoverTheResidualGradient) {
     on.streaming_stores = true;
     auto plain = Candidate::build(tools(), task, isa_target(best_host_isa()), CpuKnobs{}, fused);
     auto streaming = Candidate::build(tools(), task, isa_target(best_host_isa()), on, fused);
-    std::ifstream log(streaming->dir() + "/build.log");
-    const std::string built((std::istreambuf_iterator<char>(log)), {});
+    const std::string built = streaming->build_log();
     EXPECT_NE(built.find("into dz"), std::string::npos) << built;
     // The candidates' manifests say plain BatchNorm: open each as the fused kernel it is.
     auto open_fused = [](const Candidate &c) {

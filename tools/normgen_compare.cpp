@@ -32,11 +32,6 @@ int usage() {
     return 2;
 }
 
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0 : v[v.size() / 2];
-}
-
 int compare(int argc, char **argv) {
     std::string task_key, shape_text, isa = best_host_isa(), work_dir = "build-compare";
     int rounds = 5, reps = 11;
@@ -75,14 +70,7 @@ int compare(int argc, char **argv) {
     for (const Task &t : all_tasks())
         if (t.key() == task_key) task = &t;
     if (!task) throw std::invalid_argument("--task " + task_key + ": no such tuning task");
-    std::vector<int64_t> dims;
-    for (size_t start = 0; start <= shape_text.size();) {
-        size_t x = shape_text.find('x', start);
-        if (x == std::string::npos) x = shape_text.size();
-        dims.push_back(std::stoll(shape_text.substr(start, x - start)));
-        start = x + 1;
-    }
-    const Shape shape = Shape::from_dims(dims);
+    const Shape shape = Shape::parse(shape_text);
     const IsaTarget target = isa_target(isa);
     const BuildTools tools{NORMGEN_GENERATOR_EXE, NORMGEN_CXX, work_dir, keep};
 

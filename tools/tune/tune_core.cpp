@@ -63,6 +63,22 @@ Shape Shape::from_dims(std::vector<int64_t> dims) {
     return s;
 }
 
+Shape Shape::parse(const std::string &text) {
+    std::vector<int64_t> dims;
+    std::stringstream ss(text);
+    std::string part;
+    try {
+        while (std::getline(ss, part, 'x')) dims.push_back(std::stoll(part));
+    } catch (const std::exception &) {
+        dims.clear();
+    }
+    if (dims.size() < 2 || dims.size() > 5 ||
+        std::any_of(dims.begin(), dims.end(), [](int64_t d) { return d < 1; }))
+        throw std::invalid_argument("'" + text +
+                                    "' is not a shape like 32x64x56x56 (2..5 extents >= 1)");
+    return from_dims(std::move(dims));
+}
+
 std::string Shape::key() const {
     return "n" + std::to_string(n) + "_c" + std::to_string(c) + "_s" + std::to_string(s);
 }
@@ -71,6 +87,11 @@ std::string Shape::text() const {
     std::string t;
     for (size_t i = 0; i < dims.size(); i++) t += (i ? "x" : "") + std::to_string(dims[i]);
     return t;
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.at(v.size() / 2);
 }
 
 std::vector<Shape> read_shape_file(const std::string &path) {
@@ -82,19 +103,11 @@ std::vector<Shape> read_shape_file(const std::string &path) {
         line = line.substr(0, line.find('#'));
         line.erase(std::remove_if(line.begin(), line.end(), ::isspace), line.end());
         if (line.empty()) continue;
-        std::vector<int64_t> dims;
-        std::stringstream ss(line);
-        std::string part;
         try {
-            while (std::getline(ss, part, 'x')) dims.push_back(std::stoll(part));
-        } catch (const std::exception &) {
-            dims.clear();
+            shapes.push_back(Shape::parse(line));
+        } catch (const std::invalid_argument &e) {
+            throw std::runtime_error(path + ":" + std::to_string(number) + ": " + e.what());
         }
-        if (dims.size() < 2 || dims.size() > 5 ||
-            std::any_of(dims.begin(), dims.end(), [](int64_t d) { return d < 1; }))
-            throw std::runtime_error(path + ":" + std::to_string(number) + ": '" + line +
-                                     "' is not a shape like 32x64x56x56 (2..5 extents >= 1)");
-        shapes.push_back(Shape::from_dims(dims));
     }
     return shapes;
 }
@@ -257,6 +270,8 @@ std::unique_ptr<Candidate> Candidate::build(const BuildTools &tools, const Task 
     return cand;
 }
 
+std::string Candidate::build_log() const { return read_text(dir_ + "/build.log"); }
+
 Candidate::~Candidate() {
     ng_runtime_close(rt_);
     if (keep_) return;
@@ -294,11 +309,6 @@ ref::View view_of(const Task &t, const Shape &s) {
     v.s = s.s;
     v.channels_last = t.layout == "cl";
     return v;
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
 }
 
 // The bandwidth references on the calling thread: y = x, or dx = x + dy (dy non-null).

@@ -41,10 +41,14 @@ struct Shape {
     std::vector<int64_t> dims;
     int64_t n = 1, c = 1, s = 1;
     static Shape from_dims(std::vector<int64_t> dims);
+    // "32x64x56x56": 2..5 extents >= 1; throws std::invalid_argument saying so.
+    static Shape parse(const std::string &text);
     std::string key() const;   // n32_c64_s3136, as tuned entries and exact kernels name it
     std::string text() const;  // 32x64x56x56
     int64_t elements() const { return n * c * s; }
 };
+// The median of a non-empty sample.
+double median(std::vector<double> v);
 // One shape a line (e.g. 32x64x56x56), '#' comments; throws naming the file and line.
 std::vector<Shape> read_shape_file(const std::string &path);
 // Does the task's layout serve this shape? Contiguous tensors with S = 1 run channels-last.
@@ -84,8 +88,9 @@ public:
     ~Candidate();
     ng_runtime *runtime() const { return rt_; }
     const std::string &name() const { return name_; }
-    // The package folder; build.log there holds the generator's output.
+    // The package folder; build.log there holds the generator's output (build_log()).
     const std::string &dir() const { return dir_; }
+    std::string build_log() const;
     const CpuKnobs &knobs() const { return knobs_; }
 
 private:
