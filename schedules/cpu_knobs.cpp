@@ -17,7 +17,8 @@ std::string CpuKnobs::to_string() const {
        << " prefetch_next_block=" << prefetch_next_block
        << " blocks_per_task=" << blocks_per_task
        << " float32_stat_rows=" << float32_stat_rows
-       << " sequential_stat_rows=" << sequential_stat_rows << " task_elements=" << task_elements
+       << " sequential_stat_rows=" << sequential_stat_rows << " balanced_tasks=" << balanced_tasks
+       << " task_elements=" << task_elements
        << " streaming_stores=" << streaming_stores;
     return os.str();
 }
@@ -33,6 +34,7 @@ nlohmann::json CpuKnobs::to_json() const {
             {"blocks_per_task", blocks_per_task},
             {"float32_stat_rows", float32_stat_rows},
             {"sequential_stat_rows", sequential_stat_rows},
+            {"balanced_tasks", balanced_tasks},
             {"task_elements", task_elements},
             {"streaming_stores", streaming_stores}};
 }
@@ -72,6 +74,8 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                     throw bad(name, "must be in 1.." + std::to_string(kMaxFloat32StatRows));
             } else if (name == "sequential_stat_rows") {
                 k.sequential_stat_rows = value.get<bool>();
+            } else if (name == "balanced_tasks") {
+                k.balanced_tasks = value.get<bool>();
             } else if (name == "streaming_stores") {
                 k.streaming_stores = value.get<bool>();
             } else if (name == "task_elements") {

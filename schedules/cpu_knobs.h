@@ -82,6 +82,15 @@ struct CpuKnobs {
     // float32_stat_rows streams at a stride of C elements, more than the hardware prefetcher
     // follows). Ignored elsewhere.
     bool sequential_stat_rows = false;
+    // Channels-last: the rows are cut into an even number of tasks of equal size (and the
+    // statistics' row blocks likewise), not into tasks of task_elements and a shorter last
+    // one. The runtime hands each thread a fixed share of the tasks (OpenMP static), so an odd
+    // count, or a last task of a few rows, leaves a thread idle at the end: forward training
+    // 32x512x7x7 (13 tasks, the last of 32 rows) ran at 0.52-0.61 of a copy, 0.62-0.71
+    // balanced (normgen-compare, 7 rounds, twice). Not the default: it lost 0.1-0.13 on two
+    // backward shapes (32x512x7x7, 32x64x56x56), where the tasks' boundaries moved off whole
+    // multiples of task_elements. One task stays one.
+    bool balanced_tasks = false;
     // Channels-last: elements per parallel task (rounded to whole rows of C elements), in the
     // reduction and the elementwise loops. Sized in elements, not rows, so that wide and narrow
     // tensors both split into enough tasks for every thread.

@@ -177,6 +177,16 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     }
 }
 
+// The split factor that cuts `total` items into tasks of `per_task`, or with balanced (knob
+// balanced_tasks) into an even number of tasks of equal size (the last short by less than one
+// item per task), one task staying one.
+Expr task_split(Expr total, Expr per_task, bool balanced) {
+    if (!balanced) return per_task;
+    Expr tasks = (total + per_task - 1) / per_task;
+    tasks = select(tasks > 1, (tasks + 1) / 2 * 2, 1);
+    return max(1, (total + tasks - 1) / tasks);
+}
+
 // Channels-last (c, m, 1): rows of C contiguous channels. Vectors run along c; parallel tasks
 // take blocks of rows, and the reduction is split into per-block partial sums (rfactor over
 // row blocks), combined afterwards.
@@ -184,8 +194,10 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c;
     Var rows("rows"), row("row");
     Expr rows_per_task = max(1, k.task_elements / p.channels);
+    const Expr total_rows = p.out.output_buffer().dim(1).extent();
     for (Func f : elementwise_outputs(p)) {
-        f.split(s, rows, row, rows_per_task, TailStrategy::GuardWithIf)
+        f.split(s, rows, row, task_split(total_rows, rows_per_task, k.balanced_tasks),
+                TailStrategy::GuardWithIf)
             .vectorize(c, lanes, TailStrategy::GuardWithIf)
             .parallel(rows);
         // Further outputs (dz) run beside out, row by row, while the row is in L1 (task by
@@ -199,21 +211,22 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
         const int block_rows = p.row_blocks.defined() ? k.float32_stat_rows : 1;
         RVar block("block"), in_block("in_block");
         Var u("u");
+        Expr blocks_per_task =
+            task_split(p.r.x.extent(), max(1, rows_per_task / block_rows), k.balanced_tasks);
         Func partial = p.sums.update()
-                           .split(p.r.x, block, in_block, max(1, rows_per_task / block_rows),
+                           .split(p.r.x, block, in_block, blocks_per_task,
                                   TailStrategy::GuardWithIf)
                            .rfactor(block, u);
         partial.compute_root().vectorize(c, lanes, TailStrategy::GuardWithIf);
-        partial.update()
-            .reorder(c, in_block, p.r.y, u)
-            .vectorize(c, lanes, TailStrategy::GuardWithIf)
-            .parallel(u);
+        partial.update().reorder(c, in_block, p.r.y, u);
+        partial.update().vectorize(c, lanes, TailStrategy::GuardWithIf).parallel(u);
         if (p.row_blocks.defined()) {
             // A block's float32 sums, then widened into partial: one vector of channels at a
             // time down the block's rows (in registers; the block's rows are R streams at a
             // stride of C elements), or with sequential_stat_rows row by row (the sums in L1).
             const RVar row_in_block = p.row_blocks.rvars(0)[0];
-            p.row_blocks.compute_at(partial, in_block).vectorize(c, lanes, TailStrategy::GuardWithIf);
+            p.row_blocks.compute_at(partial, in_block)
+                .vectorize(c, lanes, TailStrategy::GuardWithIf);
             if (k.sequential_stat_rows) {
                 p.row_blocks.update().reorder(c, row_in_block);
             } else {

@@ -254,32 +254,38 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
     }
 }
 
-// Channels-last float32 row blocks summed row by row (sequential_stat_rows) pass the reference
-// check (the guard region behind the outputs included), here with blocks of 4 rows over 245 rows
-// (the last block partial), 40 channels (a masked vector tail) and tasks of 24 rows (6 blocks).
-// (Not to the bit of the kernel summing down the block: LLVM may reassociate the unrolled rows.)
-TEST(Tuner, SequentialStatRowsPassTheCheck) {
+// Channels-last float32 row blocks summed row by row (sequential_stat_rows), and balanced tasks
+// (balanced_tasks), pass the reference check (the guard region behind the outputs included),
+// here with blocks of 4 rows over 245 rows (the last block partial), 40 channels (a masked
+// vector tail) and tasks of 24 rows (6 blocks; balanced, the output's tasks are 12 of 21 rows,
+// the last of 14). (Not to the bit of the kernel summing down the block: LLVM may reassociate
+// the unrolled rows.)
+TEST(Tuner, ChannelsLastTaskKnobsPassTheCheck) {
     const IsaTarget isa = isa_target(best_host_isa());
     const Shape shape = Shape::from_dims({5, 40, 7, 7});
-    CpuKnobs row_by_row;
-    row_by_row.float32_stat_rows = 4;
-    row_by_row.task_elements = 40 * 24;
+    CpuKnobs base;
+    base.float32_stat_rows = 4;
+    base.task_elements = 40 * 24;
+    CpuKnobs row_by_row = base, balanced = base;
     row_by_row.sequential_stat_rows = true;
-    for (const Task &task : {Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "cl"}}) {
-        SCOPED_TRACE(task.key());
-        auto kernel = Candidate::build(tools(), task, isa, row_by_row, {}, &shape);
-        EXPECT_NE(kernel->build_log().find("sequential_stat_rows=1"), std::string::npos)
-            << kernel->build_log();
-        Workload w(task, shape, 5);
-        ng_plan *plan = make_plan(kernel->runtime(), w, task);
-        w.run(plan);
-        ng_plan_destroy(plan);
-        EXPECT_EQ(w.compare_with_reference(row_by_row.float32_stat_rows), "");
+    balanced.balanced_tasks = true;
+    for (const auto &[knob, knobs] :
+         {std::pair{"sequential_stat_rows", row_by_row}, std::pair{"balanced_tasks", balanced}}) {
+        const std::string on = std::string(knob) + "=1", off = std::string(knob) + "=0";
+        for (const Task &task : {Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "cl"}}) {
+            SCOPED_TRACE(task.key() + " " + on);
+            auto kernel = Candidate::build(tools(), task, isa, knobs, {}, &shape);
+            EXPECT_NE(kernel->build_log().find(on), std::string::npos) << kernel->build_log();
+            Workload w(task, shape, 5);
+            ng_plan *plan = make_plan(kernel->runtime(), w, task);
+            w.run(plan);
+            ng_plan_destroy(plan);
+            EXPECT_EQ(w.compare_with_reference(knobs.float32_stat_rows), "");
+        }
+        // Elsewhere the generator drops it, and says so in its log.
+        auto dropped = Candidate::build(tools(), kFwdTrain, isa, knobs, {}, &shape);
+        EXPECT_NE(dropped->build_log().find(off), std::string::npos) << dropped->build_log();
     }
-    // Elsewhere the generator drops it, and says so in its log.
-    auto dropped = Candidate::build(tools(), kFwdTrain, isa, row_by_row, {}, &shape);
-    EXPECT_NE(dropped->build_log().find("sequential_stat_rows=0"), std::string::npos)
-        << dropped->build_log();
 }
 
 // A streaming kernel with a misaligned output: the plan runs the next-best kernel of its

@@ -90,6 +90,77 @@ struct Options {
     bool exact_only = false;      // neither search nor confirmation: the exact kernels only
 };
 
+// The variants the exact step builds of its candidates `base` (the entry now first, then the
+// best earlier exact kernel, then the rest): for the contiguous layout, each with flat rows
+// (batch_outer, flat_block_rows) at a few channel block sizes, the first two also prefetching
+// the next block (prefetch_next_block) in training, with their float32 statistics rows as they
+// are and in one block of all N rows; for channels-last training, each with its float32 row
+// blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, and
+// the first two with balanced_tasks.
+std::vector<json> exact_variants(const Task &task, const Shape &s, const std::vector<json> &base) {
+    std::vector<json> variants;
+    auto add = [&](const json &k) {
+        if (std::find(variants.begin(), variants.end(), k) == variants.end())
+            variants.push_back(k);
+    };
+    if (task.layout == "contig") {
+        // The first two (the entry now and the best earlier exact kernel) at one more
+        // block size, and with statistics, each flat variant of them also prefetching
+        // its next block, about 8 tasks in all (4 per thread here), with streaming stores.
+        for (size_t i = 0; i < base.size(); i++) {
+            std::vector<int> blocks = {base[i].value("channels_per_task", 1), 16, 32};
+            if (i < 2) blocks.push_back(8);
+            for (int block : blocks) {
+                json k = base[i];
+                k["batch_outer"] = true;
+                k["flat_block_rows"] = true;
+                k["channels_per_task"] = block;
+                k.erase("prefetch_next_block");
+                k.erase("blocks_per_task");
+                add(k);
+                // A task of one block would prefetch another task's block: at least 2.
+                // The block's run must be whole 64-byte lines (16 floats): the variant
+                // streams its stores, and a prefetch needs whole vectors.
+                const int64_t per_task = s.c / block / 8;
+                if (i >= 2 || !task.training() || block * s.s % 16 != 0 || per_task < 2)
+                    continue;
+                // As in a copy: the output streams out while the next block streams in.
+                k["prefetch_next_block"] = true;
+                k["blocks_per_task"] = int(per_task);
+                k["streaming_stores"] = true;
+                add(k);
+                // And with one float32 block of rows (all N) per column: the float64
+                // sums then add one block per column, not N / float32_stat_rows. Measured
+                // on forward 32x1024x14x14: 0.86 -> 0.93 of a copy with 8-channel blocks.
+                if (s.n > k.value("float32_stat_rows", 1) && s.n <= kMaxFloat32StatRows) {
+                    k["float32_stat_rows"] = int(s.n);
+                    add(k);
+                }
+            }
+        }
+    } else if (task.training()) {
+        // Channels-last: each of them with its float32 row blocks summed row by row, the
+        // first two also at 16 and 32 rows, and the first two with balanced tasks.
+        for (size_t i = 0; i < base.size(); i++) {
+            if (i < 2) {
+                json k = base[i];
+                k["balanced_tasks"] = true;
+                add(k);
+            }
+            std::vector<int> rows = {base[i].value("float32_stat_rows", 1)};
+            if (i < 2) rows.insert(rows.end(), {16, 32});
+            for (int r : rows) {
+                if (r < 2) continue;
+                json k = base[i];
+                k["float32_stat_rows"] = r;
+                k["sequential_stat_rows"] = true;
+                add(k);
+            }
+        }
+    }
+    return variants;
+}
+
 class TaskSearch {
 public:
     TaskSearch(const Options &o, const Task &task, const IsaTarget &target,
@@ -172,11 +243,7 @@ public:
     // interleaved rounds; the exact entry is chosen from these timings. The candidates: the
     // shape's entry now (hand-set, an earlier refinement or the search's winner), the
     // `per_shape` best exact trials of earlier runs and best generic trials on the shape, and
-    // for the contiguous layout each of them with flat rows (batch_outer, flat_block_rows) at
-    // a few channel block sizes, the first two also prefetching the next block
-    // (prefetch_next_block) in training, with their float32 statistics rows as they are and in
-    // one block of all N rows; for channels-last training each of them with its float32 row
-    // blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows.
+    // their exact_variants.
     void refine_exact(int rounds, int per_shape) {
         derive_entries(doc_);
         for (const Shape &s : shapes_) {
@@ -199,58 +266,7 @@ public:
             const auto ranked = ranked_trials(state()["trials"], {key}, EntryKind::Exact);
             for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
                 add((*ranked[i].trial)["knobs"]);
-            if (task_.layout == "contig") {
-                // The first two (the entry now and the best earlier exact kernel) at one more
-                // block size, and with statistics, each flat variant of them also prefetching
-                // its next block, about 8 tasks in all (4 per thread here), with streaming stores.
-                const std::vector<json> base = variants;
-                for (size_t i = 0; i < base.size(); i++) {
-                    std::vector<int> blocks = {base[i].value("channels_per_task", 1), 16, 32};
-                    if (i < 2) blocks.push_back(8);
-                    for (int block : blocks) {
-                        json k = base[i];
-                        k["batch_outer"] = true;
-                        k["flat_block_rows"] = true;
-                        k["channels_per_task"] = block;
-                        k.erase("prefetch_next_block");
-                        k.erase("blocks_per_task");
-                        add(k);
-                        // A task of one block would prefetch another task's block: at least 2.
-                        // The block's run must be whole 64-byte lines (16 floats): the variant
-                        // streams its stores, and a prefetch needs whole vectors.
-                        const int64_t per_task = s.c / block / 8;
-                        if (i >= 2 || !task_.training() || block * s.s % 16 != 0 || per_task < 2)
-                            continue;
-                        // As in a copy: the output streams out while the next block streams in.
-                        k["prefetch_next_block"] = true;
-                        k["blocks_per_task"] = int(per_task);
-                        k["streaming_stores"] = true;
-                        add(k);
-                        // And with one float32 block of rows (all N) per column: the float64
-                        // sums then add one block per column, not N / float32_stat_rows. Measured
-                        // on forward 32x1024x14x14: 0.86 -> 0.93 of a copy with 8-channel blocks.
-                        if (s.n > k.value("float32_stat_rows", 1) && s.n <= kMaxFloat32StatRows) {
-                            k["float32_stat_rows"] = int(s.n);
-                            add(k);
-                        }
-                    }
-                }
-            } else if (task_.training()) {
-                // Channels-last: each of them with its float32 row blocks summed row by row, the
-                // first two also at 16 and 32 rows.
-                const std::vector<json> base = variants;
-                for (size_t i = 0; i < base.size(); i++) {
-                    std::vector<int> rows = {base[i].value("float32_stat_rows", 1)};
-                    if (i < 2) rows.insert(rows.end(), {16, 32});
-                    for (int r : rows) {
-                        if (r < 2) continue;
-                        json k = base[i];
-                        k["float32_stat_rows"] = r;
-                        k["sequential_stat_rows"] = true;
-                        add(k);
-                    }
-                }
-            }
+            for (const json &k : exact_variants(task_, s, variants)) add(k);
             for (const json &k : variants)
                 if (!find_trial(k, key)) evaluate_exact(k, s, k == current);
             // Pointers into the trials once no more are added.

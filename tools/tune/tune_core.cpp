@@ -128,6 +128,7 @@ std::vector<KnobChoices> search_space(const Task &t) {
         KnobChoices task_elements{"task_elements", {}};
         for (int e = 4096; e <= (1 << 20); e *= 2) task_elements.values.push_back(e);
         space.push_back(task_elements);
+        space.push_back({"balanced_tasks", {false, true}});
         if (t.training()) {
             space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
             space.push_back({"sequential_stat_rows", {false, true}});
