@@ -17,6 +17,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <string>
 
 namespace bench {
 
@@ -101,5 +104,16 @@ void flush_from_cache(const float *p, int64_t n) {
         _mm_mfence();
     }
 }
+
+int64_t l2_bytes_per_core() {
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index2/size");
+    std::string s;
+    if (!(f >> s) || s.empty()) return int64_t(1) << 20;
+    const int64_t v = std::atoll(s.c_str());
+    const char unit = s.back();
+    return unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : v;
+}
+
+bool timed_warm(int64_t bytes, int threads) { return bytes <= l2_bytes_per_core() * threads; }
 
 }  // namespace bench

@@ -26,4 +26,13 @@ void blocked_forward_loop(const float *x, float *y, int64_t n, int64_t c, int64_
 // Writes back and evicts [p, p + n) from every cache level (clflushopt, both threads).
 void flush_from_cache(const float *p, int64_t n);
 
+// The L2 of one core, from sysfs (1 MiB if unknown).
+int64_t l2_bytes_per_core();
+// Is a problem whose minimum passes move `bytes` timed warm (as after the layer that produced
+// it) rather than cold (flushed, from DRAM)? Warm where it fits in the L2 of `threads` cores
+// together: in use, such a tensor is still in cache. The benchmark times by this, and the tuner
+// ranks by the same, so that it does not choose for such a problem a kernel that is fast only
+// from DRAM (streaming stores, which evict the output).
+bool timed_warm(int64_t bytes, int threads);
+
 }  // namespace bench

@@ -330,21 +330,11 @@ private:
 
 constexpr int kMaxRetries = 5;
 
-// Per-core L2 size from sysfs (1 MiB if unknown).
-int64_t l2_per_core() {
-    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index2/size");
-    std::string s;
-    if (!(f >> s) || s.empty()) return int64_t(1) << 20;
-    const int64_t v = std::atoll(s.c_str());
-    const char unit = s.back();
-    return unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : v;
-}
-
 // auto: a problem whose tensors fit in the threads' L2 is timed warm (as after the layer that
-// produced it); a larger one cold, from DRAM.
+// produced it); a larger one cold, from DRAM (bench::timed_warm).
 bool timed_cold(const Options &o, const Problem &p, Op op) {
     if (o.cache != Options::Cache::automatic) return o.cache == Options::Cache::cold;
-    return passes(p, op) * p.numel() * int64_t(sizeof(float)) > o.l2_bytes;
+    return !bench::timed_warm(passes(p, op) * p.numel() * int64_t(sizeof(float)), o.threads);
 }
 
 long involuntary_switches() {  // of every thread of this process
@@ -742,7 +732,7 @@ private:
             out << "\n";
         }
         if (goal2) {
-            const int64_t l2 = l2_per_core();
+            const int64_t l2 = bench::l2_bytes_per_core();
             out << "**(2) Cache-blocked forward training within 80% of the 2-pass bandwidth bound "
                    "(the copy reference: frac >= 0.8) on shapes whose channel slice N*S*4 bytes "
                    "fits in L2.** L2 per core read from "
@@ -945,7 +935,7 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "bench_batch_norm: %s\n", e.what());
         return 2;
     }
-    suite.opt.l2_bytes = l2_per_core() * suite.opt.threads;
+    suite.opt.l2_bytes = bench::l2_bytes_per_core() * suite.opt.threads;
     const Options &o = suite.opt;
     set_threads(o.threads);
     benchmark::Initialize(&argc, argv);

@@ -260,10 +260,11 @@ public:
                     current = e["knobs"];
             if (!current.is_null()) add(current);
             const auto earlier =
-                ranked_trials(state()["trials"], {key}, EntryKind::Exact, key);
+                ranked_trials(task_.family, state()["trials"], {key}, EntryKind::Exact, key);
             for (size_t i = 0; i < earlier.size() && i < size_t(per_shape); i++)
                 add((*earlier[i].trial)["knobs"]);
-            const auto ranked = ranked_trials(state()["trials"], {key}, EntryKind::Exact);
+            const auto ranked =
+                ranked_trials(task_.family, state()["trials"], {key}, EntryKind::Exact);
             for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
                 add((*ranked[i].trial)["knobs"]);
             for (const json &k : exact_variants(task_, s, variants)) add(k);
@@ -285,7 +286,8 @@ public:
                 if (t.value("exact", "") == key &&
                     std::find(timed.begin(), timed.end(), &t) == timed.end())
                     t.erase("confirmed");
-            const Winner best = best_over(state()["trials"], {key}, EntryKind::Exact, key);
+            const Winner best =
+                best_over(task_.family, state()["trials"], {key}, EntryKind::Exact, key);
             if (best.trial)
                 std::fprintf(stderr, "[%s] %s: best exact kernel %.3f of %s: %s\n",
                              task_.key().c_str(), s.text().c_str(), best.score,
@@ -554,12 +556,13 @@ private:
         const json &t = state()["trials"].back();
         std::vector<std::string> keys;
         for (const Shape &s : shapes_) keys.push_back(s.key());
-        const Winner best = best_over(state()["trials"], keys, EntryKind::Exact);
+        const Winner best = best_over(task_.family, state()["trials"], keys, EntryKind::Exact);
         double mine = 0;
         if (t.contains("results")) {
             std::vector<double> fr;
             for (const auto &k : keys)  // a streaming candidate runs on some shapes only
-                if (t["results"].contains(k)) fr.push_back(t["results"][k]["frac_cold"]);
+                if (t["results"].contains(k))
+                    fr.push_back(t["results"][k][ranked_fraction(task_.family, k)]);
             mine = geomean(fr);
         }
         std::fprintf(stderr, "[%s] trial %zu, %.0f/%.0f s: %s geomean %.3f of %s | best %.3f %s\n",
