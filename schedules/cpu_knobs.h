@@ -37,7 +37,10 @@ struct CpuKnobs {
     // lane) and no row is 64-byte aligned for streaming stores: a block row of
     // channels_per_task * S elements can be (e.g. 16 * 49 * 4 bytes = 49 lines). Exact shapes
     // only (with S unknown, Halide cannot prove the run's elements contiguous and would
-    // gather); ignored elsewhere, and without batch_outer.
+    // gather); ignored elsewhere, and without batch_outer. Inference tasks are then blocks over
+    // every n, like training's, so that a task expands its block's channel terms once rather than
+    // for every row (forward inference 32x1024x14x14, 32 channels per block: 0.29 -> 0.71 of a
+    // copy).
     bool flat_block_rows = false;
     // Contiguous layout with stats_per_channel (training): the loop writing channel c also loads
     // the same elements of channel c+1, so that the next channel's slice streams in from DRAM

@@ -27,7 +27,7 @@ std::vector<Func> elementwise_outputs(const NormPipeline &p) {
 // (n, block) as its parallel tasks. With flat rows (knob flat_block_rows: the tensors are
 // (C*S, 1, N), see CanonicalView) a block's row is one run of vectors across its channels,
 // which read the channel terms from the task's copy of them per element (p.element_terms):
-// no vector ends at a channel's end.
+// no vector ends at a channel's end; then inference tasks are blocks over every n too.
 void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
     const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
     Var c_block("c_block"), task("task");
@@ -74,12 +74,10 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
             const Var &flat_index = p.view.flat;
             f.split(flat_index, c_block, flat_index, k.channels_per_task * p.view.flat_spatial,
                     TailStrategy::GuardWithIf);
-            if (statistics) {
-                f.reorder(flat_index, c, n, c_block);
-                parallel_blocks(f);
-            } else {
-                f.reorder(flat_index, c, c_block, n).fuse(c_block, n, task).parallel(task);
-            }
+            // A task is a block (or blocks_per_task of them) over every n, inference too: the
+            // task expands the block's channel terms once, not once per row.
+            f.reorder(flat_index, c, n, c_block);
+            parallel_blocks(f);
             f.vectorize(flat_index, lanes, TailStrategy::GuardWithIf);
             if (f.name() != p.out.name()) f.compute_with(p.out, n);
             if (f.name() == p.out.name()) prefetch_next_block(f, flat_index);
@@ -101,7 +99,7 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         if (f.name() != p.out.name()) f.compute_with(p.out, batch_outer ? c : n);
     }
     if (flat && p.element_terms.defined()) {
-        p.element_terms.compute_at(p.out, statistics ? c_block : task)
+        p.element_terms.compute_at(p.out, c_block)
             .vectorize(p.element_terms.args()[0], lanes, TailStrategy::GuardWithIf);
     }
 

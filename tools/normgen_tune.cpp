@@ -92,7 +92,8 @@ struct Options {
 
 // The variants the exact step builds of its candidates `base` (the entry now first, then the
 // best earlier exact kernel, then the rest): for the contiguous layout, each with flat rows
-// (batch_outer, flat_block_rows) at a few channel block sizes, the first two also prefetching
+// (batch_outer, flat_block_rows) at a few channel block sizes (in inference where S * 4 bytes is
+// not whole lines, also streaming: only flat rows can there), the first two also prefetching
 // the next block (prefetch_next_block) in training, with their float32 statistics rows as they
 // are and in one block of all N rows; for channels-last training, each with its float32 row
 // blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, and
@@ -118,6 +119,13 @@ std::vector<json> exact_variants(const Task &task, const Shape &s, const std::ve
                 k.erase("prefetch_next_block");
                 k.erase("blocks_per_task");
                 add(k);
+                // Inference with S of no whole lines (S = 196): only flat rows can stream.
+                if (!task.training() && !k.value("streaming_stores", false) &&
+                    s.s * 4 % 64 != 0 && block * s.s % 16 == 0) {
+                    json streaming = k;
+                    streaming["streaming_stores"] = true;
+                    add(streaming);
+                }
                 // A task of one block would prefetch another task's block: at least 2.
                 // The block's run must be whole 64-byte lines (16 floats): the variant
                 // streams its stores, and a prefetch needs whole vectors.

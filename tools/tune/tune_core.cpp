@@ -139,8 +139,10 @@ std::vector<KnobChoices> search_space(const Task &t) {
 
 bool knobs_run_on(const CpuKnobs &k, const Task &t, const Shape &s) {
     if (!k.streaming_stores) return true;
-    const int64_t row = t.layout == "contig" ? s.s : s.c;
-    return row * int64_t(sizeof(float)) % 64 == 0;
+    const auto whole_lines = [](int64_t elements) { return elements * sizeof(float) % 64 == 0; };
+    if (t.layout == "contig" && k.batch_outer && k.flat_block_rows)  // a block's run, a row C*S
+        return whole_lines(s.s * k.channels_per_task) && whole_lines(s.c * s.s);
+    return whole_lines(t.layout == "contig" ? s.s : s.c);
 }
 
 nlohmann::json relevant_knobs(const Task &t, const CpuKnobs &k) {

@@ -54,8 +54,8 @@ std::vector<Shape> read_shape_file(const std::string &path);
 // Does the task's layout serve this shape? Contiguous tensors with S = 1 run channels-last.
 bool task_serves(const Task &t, const Shape &s);
 // Can a kernel with these knobs run on the shape? One with streaming stores needs output rows
-// (S contiguous, C channels-last) of a multiple of 64 bytes; the runtime passes it over
-// elsewhere, so the tuner times it only where it runs.
+// (S contiguous, C channels-last; with flat_block_rows a block's run and C*S) of a multiple of
+// 64 bytes; the runtime passes it over elsewhere, so the tuner times it only where it runs.
 bool knobs_run_on(const CpuKnobs &k, const Task &t, const Shape &s);
 
 // The search space of a task: the knobs its schedule reads, each with its allowed values.
