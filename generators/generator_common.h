@@ -185,7 +185,8 @@ protected:
         // Likewise cleared where they do not apply: prefetch_next_block (flat rows, with
         // statistics, and a block's run of whole vectors: Halide 14 drops the prefetch from a
         // vector loop with a tail), blocks_per_task (batch_outer), sequential_stat_rows
-        // (channels-last float32 row blocks), balanced_tasks (channels-last).
+        // (channels-last float32 row blocks), balanced_tasks (channels-last), channel_block
+        // (channels-last with statistics).
         if (!choice_.cpu.flat_block_rows || !has_statistics ||
             choice_.cpu.channels_per_task * parse_fixed_shape(shape).s % contiguous_sum_lanes())
             choice_.cpu.prefetch_next_block = false;
@@ -195,6 +196,8 @@ protected:
             choice_.cpu.float32_stat_rows == 1)
             choice_.cpu.sequential_stat_rows = false;
         if (choice_.cuda || layout != Layout::ChannelsLast) choice_.cpu.balanced_tasks = false;
+        if (choice_.cuda || layout != Layout::ChannelsLast || !has_statistics)
+            choice_.cpu.channel_block = 0;
         unmasks_loads_ = masks_loads && !choice_.cuda &&
                          this->get_target().has_feature(Halide::Target::AVX512);
         if (prefetches_next_channel_ || unmasks_loads_)

@@ -18,6 +18,7 @@ std::string CpuKnobs::to_string() const {
        << " blocks_per_task=" << blocks_per_task
        << " float32_stat_rows=" << float32_stat_rows
        << " sequential_stat_rows=" << sequential_stat_rows << " balanced_tasks=" << balanced_tasks
+       << " channel_block=" << channel_block
        << " task_elements=" << task_elements
        << " streaming_stores=" << streaming_stores;
     return os.str();
@@ -35,6 +36,7 @@ nlohmann::json CpuKnobs::to_json() const {
             {"float32_stat_rows", float32_stat_rows},
             {"sequential_stat_rows", sequential_stat_rows},
             {"balanced_tasks", balanced_tasks},
+            {"channel_block", channel_block},
             {"task_elements", task_elements},
             {"streaming_stores", streaming_stores}};
 }
@@ -76,6 +78,9 @@ CpuKnobs parse_cpu_knobs(const nlohmann::json &j, const std::string &where) {
                 k.sequential_stat_rows = value.get<bool>();
             } else if (name == "balanced_tasks") {
                 k.balanced_tasks = value.get<bool>();
+            } else if (name == "channel_block") {
+                k.channel_block = value.get<int>();
+                if (k.channel_block < 0) throw bad(name, "must be >= 0");
             } else if (name == "streaming_stores") {
                 k.streaming_stores = value.get<bool>();
             } else if (name == "task_elements") {

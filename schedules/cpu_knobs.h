@@ -94,6 +94,15 @@ struct CpuKnobs {
     // backward shapes (32x512x7x7, 32x64x56x56), where the tasks' boundaries moved off whole
     // multiples of task_elements. One task stays one.
     bool balanced_tasks = false;
+    // Channels-last, kernels with statistics: 0 cuts the rows into tasks (task_elements) and
+    // sums every channel before any output, so that forward training reads a tensor larger
+    // than the caches twice from DRAM. > 0: a task is a block of this many channels over every
+    // row, which sums its channels and then writes them while the block's slice (rows *
+    // channel_block elements: one 64-byte line per row at 16 float32 channels, C * 4 bytes
+    // apart) is in L2, as the contiguous layout's stats_per_channel does. For small spatial
+    // extents (7x7, 14x14 at batch 32), where such a slice fits in L2. task_elements and
+    // balanced_tasks then do not apply.
+    int channel_block = 0;
     // Channels-last: elements per parallel task (rounded to whole rows of C elements), in the
     // reduction and the elementwise loops. Sized in elements, not rows, so that wide and narrow
     // tensors both split into enough tasks for every thread.

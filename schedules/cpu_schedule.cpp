@@ -240,12 +240,46 @@ void schedule_channels_last(NormPipeline &p, const CpuKnobs &k, int lanes) {
     for (Func f : p.channel_outputs) f.vectorize(c, lanes, TailStrategy::GuardWithIf);
 }
 
+// Channels-last with channel_block: a parallel task is a block of channels over every row. It
+// sums its channels row by row (vectors along c, the block's sums in L1), then writes their
+// output, re-reading the block's slice from L2.
+void schedule_channels_last_blocked(NormPipeline &p, const CpuKnobs &k, int lanes) {
+    const Var &s = p.view.s, &c = p.view.c, &n = p.view.n;
+    Var c_block("c_block");
+    auto split_channels = [&](Func f) {
+        f.split(c, c_block, c, k.channel_block, TailStrategy::GuardWithIf)
+            .parallel(c_block)
+            .vectorize(c, lanes, TailStrategy::GuardWithIf);
+    };
+    for (Func f : elementwise_outputs(p)) {
+        split_channels(f);
+        f.reorder(c, s, n, c_block);
+        if (f.name() != p.out.name()) f.compute_with(p.out, s);
+    }
+    for (Func f : p.channel_pre) f.compute_at(p.out, c_block);
+    p.sums.compute_at(p.out, c_block).vectorize(c, lanes, TailStrategy::GuardWithIf);
+    p.sums.update().reorder(c, p.r.x, p.r.y).vectorize(c, lanes, TailStrategy::GuardWithIf);
+    if (p.row_blocks.defined()) {
+        const RVar row_in_block = p.row_blocks.rvars(0)[0];
+        p.row_blocks.compute_at(p.sums, p.r.x).vectorize(c, lanes, TailStrategy::GuardWithIf);
+        p.row_blocks.update().reorder(c, row_in_block).vectorize(c, lanes,
+                                                                 TailStrategy::GuardWithIf);
+    }
+    p.coeffs.compute_at(p.out, c_block).vectorize(c, lanes, TailStrategy::GuardWithIf);
+    for (Func f : p.channel_outputs) {
+        split_channels(f);
+        f.compute_with(p.out, c_block);
+    }
+}
+
 }  // namespace
 
 void schedule_cpu(NormPipeline &p, const CpuKnobs &knobs, const Target &target) {
     const int lanes = target.natural_vector_size<float>() * knobs.vectors;
     if (p.view.layout == Layout::Contiguous) {
         schedule_contiguous(p, knobs, lanes);
+    } else if (knobs.channel_block > 0 && p.sums.defined()) {
+        schedule_channels_last_blocked(p, knobs, lanes);
     } else {
         schedule_channels_last(p, knobs, lanes);
     }

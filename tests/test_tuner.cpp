@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <tuple>
 
 #include "../tools/tune/tune_core.h"
 #include "../tools/tune/tuned_entries.h"
@@ -254,24 +255,29 @@ TEST(Tuner, PrefetchNextBlockChangesNoResult) {
     }
 }
 
-// Channels-last float32 row blocks summed row by row (sequential_stat_rows), and balanced tasks
-// (balanced_tasks), pass the reference check (the guard region behind the outputs included),
-// here with blocks of 4 rows over 245 rows (the last block partial), 40 channels (a masked
-// vector tail) and tasks of 24 rows (6 blocks; balanced, the output's tasks are 12 of 21 rows,
-// the last of 14). (Not to the bit of the kernel summing down the block: LLVM may reassociate
-// the unrolled rows.)
+// Channels-last float32 row blocks summed row by row (sequential_stat_rows), balanced tasks
+// (balanced_tasks) and channel blocks (channel_block) pass the reference check (the guard
+// region behind the outputs included), here with blocks of 4 rows over 245 rows (the last
+// block partial), 40 channels (a masked vector tail) and tasks of 24 rows (6 blocks; balanced,
+// the output's tasks are 12 of 21 rows, the last of 14); channel blocks of 16 (the last of 8),
+// with float32 row blocks and with float64 terms. (Not to the bit of the kernel summing down
+// the block: LLVM may reassociate the unrolled rows.)
 TEST(Tuner, ChannelsLastTaskKnobsPassTheCheck) {
     const IsaTarget isa = isa_target(best_host_isa());
     const Shape shape = Shape::from_dims({5, 40, 7, 7});
     CpuKnobs base;
     base.float32_stat_rows = 4;
     base.task_elements = 40 * 24;
-    CpuKnobs row_by_row = base, balanced = base;
+    CpuKnobs row_by_row = base, balanced = base, channel_blocks = base, float64_blocks;
     row_by_row.sequential_stat_rows = true;
     balanced.balanced_tasks = true;
-    for (const auto &[knob, knobs] :
-         {std::pair{"sequential_stat_rows", row_by_row}, std::pair{"balanced_tasks", balanced}}) {
-        const std::string on = std::string(knob) + "=1", off = std::string(knob) + "=0";
+    channel_blocks.channel_block = float64_blocks.channel_block = 16;
+    for (const auto &[knob, value, knobs] :
+         {std::tuple{"sequential_stat_rows", "1", row_by_row},
+          std::tuple{"balanced_tasks", "1", balanced},
+          std::tuple{"channel_block", "16", channel_blocks},
+          std::tuple{"channel_block", "16", float64_blocks}}) {
+        const std::string on = std::string(knob) + "=" + value, off = std::string(knob) + "=0";
         for (const Task &task : {Task{"bn_fwd_train", "cl"}, Task{"bn_bwd_train", "cl"}}) {
             SCOPED_TRACE(task.key() + " " + on);
             auto kernel = Candidate::build(tools(), task, isa, knobs, {}, &shape);

@@ -33,6 +33,7 @@
 #include <set>
 #include <sstream>
 
+#include "../bench/bandwidth_reference.h"
 #include "tune/tune_core.h"
 #include "tune/tuned_entries.h"
 
@@ -96,9 +97,12 @@ struct Options {
 // not whole lines, also streaming: only flat rows can there), the first two also prefetching
 // the next block (prefetch_next_block) in training, with their float32 statistics rows as they
 // are and in one block of all N rows; for channels-last training, each with its float32 row
-// blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, and
-// the first two with balanced_tasks.
-std::vector<json> exact_variants(const Task &task, const Shape &s, const std::vector<json> &base) {
+// blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, the
+// first two with balanced_tasks, and the first two in channel blocks (channel_block) of 64 to
+// 256 channels whose slice of the statistics inputs is at most twice the L2 (`l2_bytes`), two
+// tasks or more.
+std::vector<json> exact_variants(const Task &task, const Shape &s, const std::vector<json> &base,
+                                int64_t l2_bytes) {
     std::vector<json> variants;
     auto add = [&](const json &k) {
         if (std::find(variants.begin(), variants.end(), k) == variants.end())
@@ -148,12 +152,22 @@ std::vector<json> exact_variants(const Task &task, const Shape &s, const std::ve
         }
     } else if (task.training()) {
         // Channels-last: each of them with its float32 row blocks summed row by row, the
-        // first two also at 16 and 32 rows, and the first two with balanced tasks.
+        // first two also at 16 and 32 rows, with balanced tasks, and in channel blocks.
+        const int64_t statistics_inputs = task.backward() ? 2 : 1;  // x; x and dy
         for (size_t i = 0; i < base.size(); i++) {
             if (i < 2) {
                 json k = base[i];
                 k["balanced_tasks"] = true;
                 add(k);
+                for (int block : {64, 128, 256}) {
+                    // Up to twice the L2: backward 32x2048x7x7 ran best in blocks of 128
+                    // channels, a 1.6 MB slice for 1 MiB of L2 (part of it comes from L3).
+                    const int64_t slice = s.n * s.s * block * 4 * statistics_inputs;
+                    if (slice > 2 * l2_bytes || 2 * block > s.c) continue;
+                    json blocked = base[i];
+                    blocked["channel_block"] = block;
+                    add(blocked);
+                }
             }
             std::vector<int> rows = {base[i].value("float32_stat_rows", 1)};
             if (i < 2) rows.insert(rows.end(), {16, 32});
@@ -275,7 +289,7 @@ public:
                 ranked_trials(task_.family, state()["trials"], {key}, EntryKind::Exact);
             for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
                 add((*ranked[i].trial)["knobs"]);
-            for (const json &k : exact_variants(task_, s, variants)) add(k);
+            for (const json &k : exact_variants(task_, s, variants, bench::l2_bytes_per_core())) add(k);
             for (const json &k : variants)
                 if (!find_trial(k, key)) evaluate_exact(k, s, k == current);
             // Pointers into the trials once no more are added.

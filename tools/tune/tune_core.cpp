@@ -132,6 +132,7 @@ std::vector<KnobChoices> search_space(const Task &t) {
         if (t.training()) {
             space.push_back({"float32_stat_rows", {1, 8, 16, 32}});
             space.push_back({"sequential_stat_rows", {false, true}});
+            space.push_back({"channel_block", {0, 64, 128, 256}});
         }
     }
     return space;
