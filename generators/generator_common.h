@@ -198,6 +198,8 @@ protected:
         if (choice_.cuda || layout != Layout::ChannelsLast) choice_.cpu.balanced_tasks = false;
         if (choice_.cuda || layout != Layout::ChannelsLast || !has_statistics)
             choice_.cpu.channel_block = 0;
+        if (choice_.cpu.channel_block > 0)  // tasks of channels, not of rows
+            choice_.cpu.sequential_stat_rows = choice_.cpu.balanced_tasks = false;
         unmasks_loads_ = masks_loads && !choice_.cuda &&
                          this->get_target().has_feature(Halide::Target::AVX512);
         if (prefetches_next_channel_ || unmasks_loads_)
