@@ -289,7 +289,8 @@ public:
                 ranked_trials(task_.family, state()["trials"], {key}, EntryKind::Exact);
             for (size_t i = 0; i < ranked.size() && i < size_t(per_shape); i++)
                 add((*ranked[i].trial)["knobs"]);
-            for (const json &k : exact_variants(task_, s, variants, bench::l2_bytes_per_core())) add(k);
+            const int64_t l2_bytes = bench::l2_bytes_per_core();
+            for (const json &k : exact_variants(task_, s, variants, l2_bytes)) add(k);
             for (const json &k : variants)
                 if (!find_trial(k, key)) evaluate_exact(k, s, k == current);
             // Pointers into the trials once no more are added.
