@@ -96,7 +96,8 @@ struct Options {
 // (batch_outer, flat_block_rows) at a few channel block sizes (in inference where S * 4 bytes is
 // not whole lines, also streaming: only flat rows can there), the first two also prefetching
 // the next block (prefetch_next_block) in training, with their float32 statistics rows as they
-// are and in one block of all N rows; for channels-last training, each with its float32 row
+// are and in one block of all N rows, and the first as one task where the tensor is at most a
+// quarter of the L2; for channels-last training, each with its float32 row
 // blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, the
 // first two with balanced_tasks, and the first two in channel blocks (channel_block) of 64 to
 // 256 channels whose slice of the statistics inputs is at most twice the L2 (`l2_bytes`), two
@@ -109,12 +110,14 @@ std::vector<json> exact_variants(const Task &task, const Shape &s, const std::ve
             variants.push_back(k);
     };
     if (task.layout == "contig") {
-        // The first two (the entry now and the best earlier exact kernel) at one more
-        // block size, and with statistics, each flat variant of them also prefetching
-        // its next block, about 8 tasks in all (4 per thread here), with streaming stores.
+        // The first two (the entry now and the best earlier exact kernel) at two more block
+        // sizes (backward 32x1024x14x14 ran at 0.83 of the reference in blocks of 4 channels,
+        // 0.80 in 8, normgen-compare), and with statistics, each flat variant of them also
+        // prefetching its next block, about 8 tasks in all (4 per thread here), with streaming
+        // stores.
         for (size_t i = 0; i < base.size(); i++) {
             std::vector<int> blocks = {base[i].value("channels_per_task", 1), 16, 32};
-            if (i < 2) blocks.push_back(8);
+            if (i < 2) blocks.insert(blocks.end(), {8, 4});
             for (int block : blocks) {
                 json k = base[i];
                 k["batch_outer"] = true;
@@ -148,6 +151,19 @@ std::vector<json> exact_variants(const Task &task, const Shape &s, const std::ve
                     k["float32_stat_rows"] = int(s.n);
                     add(k);
                 }
+            }
+        }
+        // A tensor of at most a quarter of one core's L2 (8x32x8x8: 64 KiB) also as one task,
+        // rows and flat rows: waking the other threads costs about what the kernel does.
+        if (!base.empty() && s.n * s.c * s.s * 4 <= l2_bytes / 4) {
+            for (bool flat : {false, true}) {
+                json k = base[0];
+                k["batch_outer"] = true;
+                k["flat_block_rows"] = flat;
+                k["channels_per_task"] = int(s.c);
+                k.erase("prefetch_next_block");
+                k.erase("blocks_per_task");
+                add(k);
             }
         }
     } else if (task.training()) {
