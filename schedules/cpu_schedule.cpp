@@ -99,8 +99,13 @@ void schedule_contiguous(NormPipeline &p, const CpuKnobs &k, int lanes) {
         if (f.name() != p.out.name()) f.compute_with(p.out, batch_outer ? c : n);
     }
     if (flat && p.element_terms.defined()) {
+        // Channel by channel (runs of S), so that a run's terms are one channel's, broadcast:
+        // vectors along the flat index would gather each lane's channel terms.
+        Var channel("channel"), in_channel("in_channel");
         p.element_terms.compute_at(p.out, c_block)
-            .vectorize(p.element_terms.args()[0], lanes, TailStrategy::GuardWithIf);
+            .split(p.element_terms.args()[0], channel, in_channel, p.view.flat_spatial,
+                   TailStrategy::GuardWithIf)
+            .vectorize(in_channel, lanes, TailStrategy::GuardWithIf);
     }
 
     if (!statistics) {
