@@ -97,11 +97,10 @@ struct Options {
 // not whole lines, also streaming: only flat rows can there), the first two also prefetching
 // the next block (prefetch_next_block) in training, with their float32 statistics rows as they
 // are and in one block of all N rows, and the first as one task where the tensor is at most a
-// quarter of the L2; for channels-last training, each with its float32 row
-// blocks summed row by row (sequential_stat_rows), the first two also at 16 and 32 rows, the
-// first two with balanced_tasks, and the first two in channel blocks (channel_block) of 64 to
-// 256 channels whose slice of the statistics inputs is at most twice the L2 (`l2_bytes`), two
-// tasks or more.
+// quarter of the L2; for channels-last training, each with its float32 row blocks summed row by
+// row (sequential_stat_rows), the first two also at 16 and 32 rows, the first two with
+// balanced_tasks, and the first two in channel blocks (channel_block) of 64 to 256 channels
+// whose slice of the statistics inputs is at most twice the L2 (`l2_bytes`), two tasks or more.
 std::vector<json> exact_variants(const Task &task, const Shape &s, const std::vector<json> &base,
                                 int64_t l2_bytes) {
     std::vector<json> variants;
